@@ -1,0 +1,59 @@
+"""The methods as presets of one objective, and the checks every config must pass.
+
+All methods train the same auto-encoder with the UMD split of each batch (see
+docs in ../shared/notes/methods.md and README): a share `no_noise_prob` is clean and
+masked with `mask_ratio_no_noise` (x0 loss on masked pixels); the rest is noised and
+masked with `mask_ratio` (eps loss on visible, x0 loss on masked pixels). A method is
+nothing but defaults for these knobs; explicit options always win.
+"""
+from big_vision import config_parsing
+
+# Defaults per method. UMD's follow the official UMD config (no_noise_prob 0.5,
+# mask ratios 0.375 noised / 0.75 clean); MAE is the clean branch alone without AdaLN;
+# DiT is the noised branch without masking; MaskDiT the noised branch with masking.
+PRESETS = {
+    "umd": dict(mask_ratio=0.375, mask_ratio_no_noise=0.75, no_noise_prob=0.5, adaln=True),
+    "mae": dict(mask_ratio=0.75, mask_ratio_no_noise=0.75, no_noise_prob=1.0, adaln=False),
+    "dit": dict(mask_ratio=0.0, mask_ratio_no_noise=0.75, no_noise_prob=0.0, adaln=True),
+    "maskdit": dict(mask_ratio=0.5, mask_ratio_no_noise=0.75, no_noise_prob=0.0, adaln=True),
+}
+
+
+def parse_method_arg(arg, method_defaults=None, **defaults):
+  """Parses a config string whose defaults depend on its `method=` option.
+
+  Args:
+    arg: the config string, e.g. "method=mae,variant=B/4".
+    method_defaults: optional {method: {option: value}} of config-specific extras
+      (e.g. MAE's larger batch), applied on top of PRESETS.
+    **defaults: the config's own options and defaults; must include `method`.
+  Returns:
+    ConfigDict of typed options: config defaults < method preset < explicit options.
+  """
+  method = config_parsing.peek(arg, "method", defaults.get("method", "umd"))
+  if method not in PRESETS:
+    raise config_parsing.ConfigError(
+        f"unknown method {method!r}; known methods: {', '.join(sorted(PRESETS))}")
+  merged = dict(defaults)
+  merged.update(PRESETS[method])
+  merged.update((method_defaults or {}).get(method, {}))
+  return config_parsing.parse_arg(arg, **merged)
+
+
+def _check_ratio(name, value, upper_inclusive=False):
+  ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
+  if not ok:
+    allowed = "[0, 1]" if upper_inclusive else "[0, 1)"
+    raise config_parsing.ConfigError(f"{name}={value} is outside {allowed}")
+
+
+def check_config(config):
+  """Raises ConfigError (one line) for values no run could use. Cheap: builds nothing."""
+  from big_vision.models import ae  # pylint: disable=g-import-not-at-top
+
+  _check_ratio("mask_ratio", config.mask_ratio)
+  _check_ratio("mask_ratio_no_noise", config.mask_ratio_no_noise)
+  _check_ratio("no_noise_prob", config.no_noise_prob, upper_inclusive=True)
+  ae.check_model_config(config.model)
+  if config.get("batch_size") is not None and config.batch_size <= 0:
+    raise config_parsing.ConfigError(f"batch_size={config.batch_size} must be positive")

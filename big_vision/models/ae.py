@@ -1,0 +1,397 @@
+"""The generic masked-diffusion auto-encoder (a ViT encoder/decoder with t conditioning).
+
+One module expresses MAE, UMD, DiT and MaskDiT; the trainer decides what goes in
+(clean or noised images, which mask ratio, which t):
+
+  images [B,H,W,C] --patchify+embed+posemb--> tokens --keep visible--> (+ cls tokens)
+  --> encoder blocks --> linear to decoder width --> mask tokens at masked positions
+  --> decoder posemb --> decoder blocks --> head: p*p*2C per patch = (x0, eps) images.
+
+Conditioning c = time embedding (+ label embedding) enters every block through AdaLN-Zero
+(`adaln=True`, DiT) or is added to the tokens (`adaln=False`).
+The decoder queries at masked positions are built in `_masked_queries`; DiffMAE's noisy
+masked patches and MaskDM's loss on visible patches plug in there and in the trainer's
+objective, not in a fork of this file.
+"""
+import re
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_vision.config_parsing import ConfigError
+from big_vision.models import conditioning
+from big_vision.models import masking as masking_lib
+
+# Sizes from the DiffMAE table (encoder parameter counts are those of a plain ViT
+# encoder: Ti 5.7M, S 22M, B 86M, L 304M, H 632M). "Mu" is a micro size for CPU
+# smoke runs and tests; it is not from any paper.
+# name: (width, depth, mlp_dim, num_heads, decoder_width, decoder_depth)
+SIZES = {
+    "Mu": (64, 4, 256, 2, 64, 2),
+    "Ti": (192, 12, 768, 3, 96, 4),
+    "S": (384, 12, 1536, 6, 192, 4),
+    "B": (768, 12, 3072, 12, 384, 8),
+    "L": (1024, 24, 4096, 16, 512, 8),
+    "H": (1280, 32, 5120, 16, 640, 8),
+}
+
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
+MATMUL_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def decode_variant(variant):
+  """'B/4' -> dict(width=768, depth=12, ..., patch_size=4)."""
+  match = re.fullmatch(r"([A-Za-z]+)/(\d+)", str(variant).strip())
+  if not match or match.group(1) not in SIZES:
+    raise ConfigError(f"unknown variant {variant!r}; expected SIZE/PATCH with SIZE one of "
+                      f"{', '.join(SIZES)} and PATCH a positive integer, e.g. 'B/4'")
+  size, patch = match.group(1), int(match.group(2))
+  if patch <= 0:
+    raise ConfigError(f"variant {variant!r}: patch size must be positive")
+  width, depth, mlp_dim, heads, dec_width, dec_depth = SIZES[size]
+  return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
+              decoder_width=dec_width, decoder_depth=dec_depth, patch_size=patch)
+
+
+def posemb_sincos_2d(h, w, width, temperature=10_000.0):
+  """Fixed 2-D sin-cos position embedding [1, h*w, width] (MAE)."""
+  if width % 4:
+    raise ConfigError(f"width {width} must be divisible by 4 for the sincos2d posemb")
+  y, x = np.mgrid[:h, :w]
+  omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1 or 1))
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return jnp.asarray(pe[None], jnp.float32)
+
+
+def patchify(images, p):
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C]."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches, grid_hw, p, c):
+  """[B, N, p*p*C] -> [B, H, W, C]."""
+  gh, gw = grid_hw
+  b = patches.shape[0]
+  x = patches.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * p, gw * p, c)
+
+
+def _modulate(x, shift, scale):
+  return x * (1 + scale) + shift
+
+
+_dense_init = nn.initializers.xavier_uniform()
+
+
+class Attention(nn.Module):
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, d = x.shape
+    if d % self.num_heads:
+      raise ConfigError(f"width {d} is not divisible by num_heads {self.num_heads}")
+    qkv = nn.Dense(3 * d, kernel_init=_dense_init, dtype=self.dtype, name="qkv")(x)
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
+    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+    return nn.Dense(d, kernel_init=_dense_init, dtype=self.dtype, name="proj")(
+        out.reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, kernel_init=_dense_init, dtype=self.dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=True)
+    return nn.Dense(d, kernel_init=_dense_init, dtype=self.dtype, name="fc2")(x)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block; with `adaln`, DiT's AdaLN-Zero modulation by `cond`."""
+  mlp_dim: int
+  num_heads: int
+  adaln: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cond):
+    d = x.shape[-1]
+    if self.adaln:
+      mod = nn.Dense(6 * d, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                     name="adaln_modulation")(nn.silu(cond))
+      shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
+      norm = lambda name: nn.LayerNorm(use_scale=False, use_bias=False, name=name)
+      h = _modulate(norm("norm1")(x), shift1, scale1)
+      x = x + gate1 * Attention(self.num_heads, self.dtype, name="attn")(h)
+      h = _modulate(norm("norm2")(x), shift2, scale2)
+      x = x + gate2 * Mlp(self.mlp_dim, self.dtype, name="mlp")(h)
+    else:
+      x = x + Attention(self.num_heads, self.dtype, name="attn")(nn.LayerNorm(name="norm1")(x))
+      x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(nn.LayerNorm(name="norm2")(x))
+    return x.astype(jnp.float32), None
+
+
+class Stack(nn.Module):
+  """`depth` Blocks, unrolled or under nn.scan, optionally rematerialised."""
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  adaln: bool = True
+  scan: bool = False
+  remat_policy: str = "none"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, cond):
+    block = Block
+    if self.remat_policy != "none":
+      policy = getattr(jax.checkpoint_policies, self.remat_policy)
+      block = nn.remat(Block, policy=policy, prevent_cse=not self.scan)
+    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, adaln=self.adaln,
+              dtype=self.dtype)
+    if self.scan:
+      scanned = nn.scan(block, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=nn.broadcast, length=self.depth)
+      x, _ = scanned(**kw, name="blocks")(x, cond)
+    else:
+      for i in range(self.depth):
+        x, _ = block(**kw, name=f"block_{i:02d}")(x, cond)
+    return x
+
+
+class Model(nn.Module):
+  """Masked-diffusion auto-encoder. See the module docstring."""
+  image_size: Sequence[int]
+  channels: int = 3
+  patch_size: int = 4
+  width: int = 768
+  depth: int = 12
+  mlp_dim: int = 3072
+  num_heads: int = 12
+  decoder_width: int = 384
+  decoder_depth: int = 8
+  decoder_mlp_dim: Optional[int] = None  # Default 4 x decoder_width.
+  num_cls_tokens: int = 4
+  adaln: bool = True
+  num_classes: int = 0  # 0: unconditional. Otherwise the null class is num_classes.
+  label_dropout: float = 0.1
+  posemb: str = "sincos2d"  # or "learn"
+  masking: str = "random"  # or "block" (blocks of mask_block_size^2 patches)
+  mask_block_size: int = 4
+  scan: bool = False
+  remat_policy: str = "none"
+  dtype_mm: str = "float32"
+
+  @property
+  def grid(self):
+    return (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
+
+  @property
+  def num_patches(self):
+    return self.grid[0] * self.grid[1]
+
+  def setup(self):
+    dtype = MATMUL_DTYPES[self.dtype_mm]
+    stack = dict(adaln=self.adaln, scan=self.scan, remat_policy=self.remat_policy, dtype=dtype)
+    self.embedding = nn.Dense(self.width, kernel_init=_dense_init, dtype=dtype)
+    if self.posemb == "learn":
+      self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02),
+                                      (1, self.num_patches, self.width))
+      self.decoder_pos_embedding = self.param(
+          "decoder_pos_embedding", nn.initializers.normal(0.02),
+          (1, self.num_patches, self.decoder_width))
+    else:
+      self.pos_embedding = posemb_sincos_2d(*self.grid, self.width)
+      self.decoder_pos_embedding = posemb_sincos_2d(*self.grid, self.decoder_width)
+    self.cls = self.param("cls", nn.initializers.normal(0.02),
+                          (1, self.num_cls_tokens, self.width))
+    self.t_embedder = conditioning.TimestepEmbedder(self.width)
+    if self.num_classes:
+      self.y_embedder = conditioning.LabelEmbedder(self.num_classes, self.width,
+                                                   self.label_dropout)
+    self.encoder = Stack(self.depth, self.mlp_dim, self.num_heads, **stack)
+    self.encoder_norm = nn.LayerNorm()
+    self.decoder_embed = nn.Dense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
+    self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
+                                 (1, 1, self.decoder_width))
+    if not self.adaln:
+      self.decoder_cond = nn.Dense(self.decoder_width, kernel_init=_dense_init)
+    self.decoder = Stack(self.decoder_depth, self.decoder_mlp_dim or 4 * self.decoder_width,
+                         self.num_heads, **stack)
+    self.decoder_norm = nn.LayerNorm(use_scale=not self.adaln, use_bias=not self.adaln)
+    if self.adaln:
+      self.final_modulation = nn.Dense(2 * self.decoder_width,
+                                       kernel_init=nn.initializers.zeros)
+    self.head = nn.Dense(self.patch_size ** 2 * 2 * self.channels,
+                         kernel_init=nn.initializers.zeros)
+
+  def null_labels(self, batch_size):
+    return jnp.full((batch_size,), self.num_classes, jnp.int32)
+
+  def condition(self, t, labels=None, train=False):
+    """[B] time steps (0 = clean) and optional labels -> [B, width] condition."""
+    cond = self.t_embedder(t)
+    if self.num_classes:
+      if labels is None:
+        labels = self.null_labels(t.shape[0])
+      cond = cond + self.y_embedder(labels, train=train)
+    return cond
+
+  def make_masking(self, batch_size, mask_ratio):
+    masking_lib.check_mask_ratio(mask_ratio)
+    if mask_ratio == 0:
+      return masking_lib.no_masking(batch_size, self.num_patches)
+    rng = self.make_rng("mask")
+    if self.masking == "block":
+      return masking_lib.block_masking(rng, batch_size, self.grid, mask_ratio,
+                                       self.mask_block_size)
+    return masking_lib.random_masking(rng, batch_size, self.num_patches, mask_ratio)
+
+  def encode(self, images, cond, masking):
+    """Visible patches (+ cls tokens) through the encoder -> [B, num_cls + K, width]."""
+    tokens = self.embedding(patchify(images, self.patch_size)) + self.pos_embedding
+    tokens = masking_lib.gather_tokens(tokens, masking.ids_keep)
+    cls = jnp.broadcast_to(self.cls, (tokens.shape[0],) + self.cls.shape[1:])
+    x = jnp.concatenate([cls.astype(tokens.dtype), tokens], axis=1)
+    if not self.adaln:
+      x = x + cond[:, None, :]
+    return self.encoder_norm(self.encoder(x, cond))
+
+  def _masked_queries(self, visible, masking):
+    """Decoder inputs at masked positions: MAE's learned mask token."""
+    b, k, d = visible.shape
+    return jnp.broadcast_to(self.mask_token, (b, self.num_patches - k, d)).astype(visible.dtype)
+
+  def decode(self, latent, cond, masking):
+    """Encoder output -> per-patch predictions [B, N, p*p*2C]."""
+    x = self.decoder_embed(latent)
+    cls, visible = x[:, :self.num_cls_tokens], x[:, self.num_cls_tokens:]
+    patches = masking_lib.restore_tokens(visible, self._masked_queries(visible, masking),
+                                         masking.ids_restore)
+    x = jnp.concatenate([cls, patches + self.decoder_pos_embedding], axis=1)
+    if not self.adaln:
+      x = x + self.decoder_cond(cond)[:, None, :]
+    x = self.decoder_norm(self.decoder(x, cond))
+    if self.adaln:
+      shift, scale = jnp.split(self.final_modulation(nn.silu(cond))[:, None], 2, axis=-1)
+      x = _modulate(x, shift, scale)
+    return self.head(x[:, self.num_cls_tokens:]).astype(jnp.float32)
+
+  def __call__(self, images, t, labels=None, *, mask_ratio=0.0, masking=None, train=False):
+    """Predicts x0 and eps for (possibly noised) images.
+
+    Args:
+      images: [B, H, W, C], clean (t = 0) or noised (t = diffusion step + 1).
+      t: [B] int time steps; 0 means clean.
+      labels: [B] int class labels, or None (null class) for conditional models.
+      mask_ratio: share of patches hidden from the encoder (needs a 'mask' rng).
+      masking: a masking.Masking to use instead of drawing one.
+      train: enables label dropout (needs a 'dropout' rng).
+    Returns:
+      dict(x0=[B,H,W,C], eps=[B,H,W,C], mask=[B,N] with 1 at masked patches).
+    """
+    b = images.shape[0]
+    if masking is None:
+      masking = self.make_masking(b, mask_ratio)
+    cond = self.condition(t, labels, train=train)
+    out = self.decode(self.encode(images, cond, masking), cond, masking)
+    out = unpatchify(out, self.grid, self.patch_size, 2 * self.channels)
+    return dict(x0=out[..., :self.channels], eps=out[..., self.channels:], mask=masking.mask)
+
+  def representation(self, images, t=None, labels=None):
+    """[B, H, W, C] images -> [B, width] features: mean of the encoder's cls tokens.
+
+    By default the images are taken as clean (t = 0) and unmasked, with the null label.
+    """
+    b = images.shape[0]
+    t = jnp.zeros((b,), jnp.int32) if t is None else t
+    latent = self.encode(images, self.condition(t, labels),
+                         masking_lib.no_masking(b, self.num_patches))
+    if self.num_cls_tokens:
+      return latent[:, :self.num_cls_tokens].mean(axis=1)
+    return latent.mean(axis=1)
+
+
+MODEL_OPTIONS = ("variant", "image_size", "channels", "num_cls_tokens", "adaln", "num_classes",
+                 "label_dropout", "posemb", "masking", "mask_block_size", "scan", "remat_policy",
+                 "dtype_mm", "decoder_width", "decoder_depth", "decoder_mlp_dim")
+
+
+def _resolve(model_config):
+  """Model config (ConfigDict or dict) -> Model constructor kwargs, validated."""
+  cfg = dict(model_config)
+  unknown = sorted(set(cfg) - set(MODEL_OPTIONS))
+  if unknown:
+    raise ConfigError(f"unknown model option(s) {', '.join(unknown)}; known: "
+                      f"{', '.join(MODEL_OPTIONS)}")
+  if "variant" not in cfg or "image_size" not in cfg:
+    raise ConfigError("model config needs 'variant' (e.g. 'B/4') and 'image_size'")
+  kw = decode_variant(cfg.pop("variant"))
+  for key in ("decoder_width", "decoder_depth", "decoder_mlp_dim"):
+    if cfg.get(key) is None:
+      cfg.pop(key, None)
+  kw.update(cfg)
+  size = kw["image_size"]
+  size = (size, size) if isinstance(size, int) else tuple(size)
+  kw["image_size"] = size
+  p = kw["patch_size"]
+  if len(size) != 2 or size[0] % p or size[1] % p:
+    raise ConfigError(f"image size {size} is not divisible by the patch size {p}")
+  if kw.get("remat_policy", "none") not in REMAT_POLICIES:
+    raise ConfigError(f"unknown remat_policy {kw['remat_policy']!r}; known: "
+                      f"{', '.join(REMAT_POLICIES)}")
+  if kw.get("dtype_mm", "float32") not in MATMUL_DTYPES:
+    raise ConfigError(f"unknown dtype_mm {kw['dtype_mm']!r}; known: {', '.join(MATMUL_DTYPES)}")
+  if kw.get("posemb", "sincos2d") not in ("sincos2d", "learn"):
+    raise ConfigError(f"unknown posemb {kw['posemb']!r}; known: sincos2d, learn")
+  if kw.get("masking", "random") not in ("random", "block"):
+    raise ConfigError(f"unknown masking {kw['masking']!r}; known: random, block")
+  if kw.get("masking") == "block":
+    b = kw.get("mask_block_size", 4)
+    gh, gw = size[0] // p, size[1] // p
+    if b <= 0 or gh % b or gw % b:
+      raise ConfigError(f"mask_block_size {b} does not divide the patch grid {gh}x{gw}")
+  for key in ("width", "decoder_width"):
+    if kw[key] % kw["num_heads"]:
+      raise ConfigError(f"{key} {kw[key]} is not divisible by num_heads {kw['num_heads']}")
+  if kw.get("num_classes", 0) < 0:
+    raise ConfigError(f"num_classes={kw['num_classes']} must be >= 0 (0: unconditional)")
+  return kw
+
+
+def check_model_config(model_config):
+  _resolve(model_config)
+
+
+def build_model(model_config):
+  """Builds the Model from a config like {variant: 'B/4', image_size: 64, ...}."""
+  return Model(**_resolve(model_config))
+
+
+def count_params(params):
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+
+
+def init_shapes(model, batch_size=2):
+  """Parameter shapes without allocating them (jax.eval_shape)."""
+  h, w = model.image_size
+  images = jnp.zeros((batch_size, h, w, model.channels))
+  t = jnp.zeros((batch_size,), jnp.int32)
+  rngs = {"params": jax.random.PRNGKey(0), "mask": jax.random.PRNGKey(1),
+          "dropout": jax.random.PRNGKey(2)}
+  return jax.eval_shape(lambda: model.init(rngs, images, t, mask_ratio=0.5)["params"])
+

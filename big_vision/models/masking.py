@@ -1,0 +1,90 @@
+"""Token masking: which patches the encoder sees.
+
+Both strategies keep the same number of tokens in every image (static shapes for jit)
+and return the kept tokens in their original order, the binary mask and the permutation
+that restores the full sequence from [kept, masked].
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Masking(NamedTuple):
+  ids_keep: jax.Array     # [B, K] int32, indices of the visible tokens, ascending.
+  mask: jax.Array         # [B, N] float32, 1 = masked, 0 = visible.
+  ids_restore: jax.Array  # [B, N] int32, gathers [kept..., masked...] back into order.
+
+
+def check_mask_ratio(mask_ratio):
+  if not 0.0 <= float(mask_ratio) < 1.0:
+    raise ValueError(f"mask ratio {mask_ratio} is outside [0, 1): at least one token "
+                     "must stay visible")
+
+
+def num_kept(num_tokens, mask_ratio):
+  """Tokens left visible: floor(N * (1 - ratio)), at least one."""
+  check_mask_ratio(mask_ratio)
+  # Round first so that e.g. 10 * (1 - 0.7) = 2.9999999999999996 counts as 3.
+  return max(1, int(np.floor(round(num_tokens * (1.0 - mask_ratio), 6))))
+
+
+def random_masking(rng, batch_size, num_tokens, mask_ratio):
+  """Masks a uniformly random subset of exactly N - num_kept tokens in each image."""
+  keep = num_kept(num_tokens, mask_ratio)
+  if keep == num_tokens:
+    return no_masking(batch_size, num_tokens)
+  noise = jax.random.uniform(rng, (batch_size, num_tokens))
+  rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+  mask = (rank >= keep).astype(jnp.float32)
+  order = jnp.argsort(mask, axis=1, stable=True).astype(jnp.int32)
+  return Masking(order[:, :keep], mask, jnp.argsort(order, axis=1).astype(jnp.int32))
+
+
+def block_masking(rng, batch_size, grid_hw, mask_ratio, block_size):
+  """Masks whole blocks of block_size x block_size patches (MaskDM's strategy).
+
+  The number of masked blocks is floor(num_blocks * mask_ratio), so the kept count is
+  the same for every image. The patch grid must be divisible by the block size.
+  """
+  check_mask_ratio(mask_ratio)
+  gh, gw = grid_hw
+  if gh % block_size or gw % block_size:
+    raise ValueError(f"block size {block_size} does not divide the patch grid {gh}x{gw}")
+  bh, bw = gh // block_size, gw // block_size
+  num_blocks = bh * bw
+  masked_blocks = int(np.floor(round(num_blocks * mask_ratio, 6)))
+  if masked_blocks == 0:
+    return no_masking(batch_size, gh * gw)
+  noise = jax.random.uniform(rng, (batch_size, num_blocks))
+  rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+  block_mask = (rank < masked_blocks).astype(jnp.float32).reshape(batch_size, bh, 1, bw, 1)
+  mask = jnp.broadcast_to(block_mask, (batch_size, bh, block_size, bw, block_size))
+  mask = mask.reshape(batch_size, gh * gw)
+  keep = gh * gw - masked_blocks * block_size * block_size
+  order = jnp.argsort(mask, axis=1, stable=True).astype(jnp.int32)
+  return Masking(order[:, :keep], mask, jnp.argsort(order, axis=1).astype(jnp.int32))
+
+
+def no_masking(batch_size, num_tokens):
+  ids = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch_size, num_tokens))
+  return Masking(ids, jnp.zeros((batch_size, num_tokens), jnp.float32), ids)
+
+
+def gather_tokens(tokens, ids):
+  """tokens [B, N, D], ids [B, K] -> [B, K, D]."""
+  return jnp.take_along_axis(tokens, ids[..., None], axis=1)
+
+
+def restore_tokens(kept, fill, ids_restore):
+  """Puts kept tokens [B, K, D] back in place, `fill` [B, N-K, D] at masked positions."""
+  return gather_tokens(jnp.concatenate([kept, fill], axis=1), ids_restore)
+
+
+def mask_to_pixels(mask, grid_hw, patch_size):
+  """[B, N] token mask -> [B, H, W, 1] pixel mask."""
+  gh, gw = grid_hw
+  m = mask.reshape(mask.shape[0], gh, 1, gw, 1)
+  m = jnp.broadcast_to(m, (mask.shape[0], gh, patch_size, gw, patch_size))
+  return m.reshape(mask.shape[0], gh * patch_size, gw * patch_size, 1)

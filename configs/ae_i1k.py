@@ -1,0 +1,74 @@
+# pylint: disable=line-too-long
+r"""UMD (and MAE, DiT, MaskDiT) on ImageNet-2012 at 64x64 pixels, the UMD paper's recipe.
+
+Self-supervised pre-training, 800 epochs, B/4 (100-shot linear probe every 10k steps):
+  python -m big_vision.train --config configs/ae_i1k.py:method=umd,variant=B/4,size=64 --workdir DIR
+  ... :method=mae,batch_size=4096      ... :method=dit      ... :method=maskdit
+  ... :variant=B/4,no_noise_prob=0.0,mask_ratio=0.5        (explicit options override the preset)
+Class-conditional fine-tuning of a pre-trained checkpoint (50 epochs, EMA, CFG):
+  ... :variant=B/4,finetune=True,init_from=PRETRAIN_WORKDIR
+  (sets use_labels, mask_ratio=0, no_noise_prob=0.05, batch 256, beta2 0.999, wd 0, area_min 95)
+Latent UMD-L/2 at 256x256 on Stable-Diffusion VAE latents (32x32x4):
+  ... :variant=L/2,latent_diffusion=True,size=256,vae_weights=/path/to/vae.npz
+
+Needs imagenet2012 prepared with TFDS in $TFDS_DATA_DIR (it cannot be downloaded here).
+"""
+import ml_collections as mlc
+
+from big_vision import config_parsing
+from big_vision import methods
+from configs import common
+
+# The fine-tuning recipe of the UMD paper; explicit options still override it.
+FINETUNE = dict(use_labels=True, mask_ratio=0.0, no_noise_prob=0.05, batch_size=256,
+                beta2=0.999, wd=0.0, area_min=95, epochs=50.0, ema=0.9999)
+
+
+def get_config(arg=None):
+  """Config for UMD-style training on ImageNet-2012."""
+  finetune = config_parsing.convert(
+      "finetune", config_parsing.peek(arg, "finetune", "false"), False)
+  defaults = dict(size=64, epochs=800.0, batch_size=1024, area_min=80, finetune=False,
+                  latent_diffusion=False, vae_weights="", fewshot_steps=10_000)
+  # MAE's pre-training batch is 4096; fine-tuning uses one recipe for every method.
+  method_defaults = {"mae": dict(batch_size=4096)}
+  if finetune:
+    method_defaults = {m: dict(FINETUNE) for m in methods.PRESETS}
+  arg = common.parse(arg, method_defaults=method_defaults, **defaults)
+
+  config = mlc.ConfigDict()
+  config.size = arg.size
+  config.latent_diffusion = arg.latent_diffusion
+  if arg.latent_diffusion:
+    if arg.size != 256:
+      raise config_parsing.ConfigError(f"latent_diffusion needs size=256 (the VAE maps 256 -> 32), got {arg.size}")
+    space = (32, 32, 4)
+    config.vae = dict(weights=arg.vae_weights, latent_scale=0.18215)
+  else:
+    space = (arg.size, arg.size, 3)
+  config.diffusion_space = space
+
+  config.input = mlc.ConfigDict()
+  config.input.data = dict(name="imagenet2012", split="train[:99%]")
+  config.input.batch_size = arg.batch_size
+  config.input.shuffle_buffer_size = 250_000
+  config.input.cache_raw = False  # True needs ~120 GB of host memory.
+  config.input.pp = (f"decode_jpeg_and_inception_crop({arg.size}, area_min={arg.area_min})"
+                     "|flip_lr|value_range(-1, 1)|keep('image', 'label')")
+  config.pp_eval = (f"decode|resize_small({arg.size})|central_crop({arg.size})"
+                    "|value_range(-1, 1)|keep('image', 'label')")
+  config.input.prefetch = 8
+  config.log_training_steps = 100
+  config.ckpt_steps = 5000
+
+  common.objective(config, arg)
+  # UMD's decoder keeps the encoder's width with 4 layers (8 for L and H).
+  config.model = common.model(
+      arg, image_size=space[0], channels=space[2], num_classes=1000 if arg.use_labels else 0,
+      decoder_rule=lambda enc: (enc["width"], 4 if enc["depth"] <= 12 else 8))
+  config.diffusion = common.diffusion(arg, latent=arg.latent_diffusion)
+  common.schedule_and_optimizer(config, arg)
+  config.finetune = arg.finetune
+  config.fewshot_steps = arg.fewshot_steps
+  config.evals = mlc.ConfigDict()
+  return config

@@ -1,0 +1,102 @@
+"""Pieces shared by the auto-encoder configs: model, objective, diffusion, optimizer.
+
+Each config file stays readable top to bottom; these helpers only fill the sections
+whose meaning is the same for every dataset.
+"""
+import ml_collections as mlc
+
+from big_vision import methods
+from big_vision.models import ae
+
+# Options every auto-encoder config accepts, with their defaults. Method-dependent ones
+# (mask ratios, no_noise_prob, adaln) come from big_vision.methods.PRESETS.
+COMMON_OPTIONS = dict(
+    method="umd",
+    variant="B/4",
+    decoder_width=0,   # 0: the config's rule (UMD: same width as the encoder).
+    decoder_depth=0,   # 0: the config's rule.
+    num_cls_tokens=4,
+    use_labels=False,
+    scan=False,
+    remat="none",
+    dtype_mm="float32",
+    fsdp=False,
+    batch_size=256,
+    epochs=0.0,        # Either epochs or total_steps sets the run's length.
+    total_steps=0,
+    warmup=0.05,       # Share of training spent warming up.
+    lr=1.5e-4,         # Base learning rate, scaled by batch_size / 256.
+    wd=0.05,
+    beta2=0.95,
+    grad_clip=1.0,
+    ema=0.0,           # EMA decay of parameters; 0 disables EMA.
+    schedule="cosine",
+    timesteps=1000,
+    sampling_timesteps=125,
+    init_from="",
+    seed=0,
+    wandb_mode="offline",
+)
+
+
+def parse(arg, method_defaults=None, **config_defaults):
+  """Typed options: COMMON_OPTIONS < config_defaults < method preset < explicit."""
+  defaults = dict(COMMON_OPTIONS)
+  defaults.update(config_defaults)
+  return methods.parse_method_arg(arg, method_defaults, **defaults)
+
+
+def model(arg, image_size, channels, num_classes, decoder_rule):
+  """The model section. decoder_rule(encoder) -> (width, depth) when not given."""
+  encoder = ae.decode_variant(arg.variant)
+  rule_width, rule_depth = decoder_rule(encoder)
+  return mlc.ConfigDict(dict(
+      variant=arg.variant,
+      image_size=image_size,
+      channels=channels,
+      adaln=arg.adaln,
+      num_classes=num_classes,
+      num_cls_tokens=arg.num_cls_tokens,
+      decoder_width=arg.decoder_width or rule_width,
+      decoder_depth=arg.decoder_depth or rule_depth,
+      scan=arg.scan,
+      remat_policy=arg.remat,
+      dtype_mm=arg.dtype_mm,
+  ))
+
+
+def objective(config, arg):
+  """The UMD batch split that every method is a preset of (see big_vision.methods)."""
+  config.method = arg.method
+  config.mask_ratio = arg.mask_ratio
+  config.mask_ratio_no_noise = arg.mask_ratio_no_noise
+  config.no_noise_prob = arg.no_noise_prob
+
+
+def diffusion(arg, latent=False):
+  return mlc.ConfigDict(dict(
+      schedule="linear" if latent else arg.schedule,
+      timesteps=arg.timesteps,
+      sampling_timesteps=arg.sampling_timesteps,
+      clip_x0=not latent,  # Latents have no [-1, 1] range to clip to.
+      eta=0.0,
+  ))
+
+
+def schedule_and_optimizer(config, arg):
+  """Length, warmup, AdamW and EMA; lr = base lr x batch / 256."""
+  if arg.total_steps:
+    config.total_steps = arg.total_steps
+  else:
+    config.total_epochs = arg.epochs
+  config.warmup_fraction = arg.warmup
+  config.lr = arg.lr
+  config.lr_batch_scaling = 256
+  config.wd = arg.wd
+  config.optax = dict(b1=0.9, b2=arg.beta2)
+  config.grad_clip_norm = arg.grad_clip
+  config.ema_decay = arg.ema
+  config.param_sharding = "fully_sharded" if arg.fsdp else "replicated"
+  config.init_from = arg.init_from
+  config.seed = arg.seed
+  config.wandb = dict(mode=arg.wandb_mode, project="masked-diffusion-ae")

@@ -1,0 +1,146 @@
+"""Config strings, method presets and the ImageNet config for every method and variant."""
+import pytest
+
+from big_vision import config_cli
+from big_vision import config_parsing
+from big_vision import methods
+from big_vision.config_parsing import ConfigError
+from configs import ae_i1k
+
+
+def test_parse_arg_types():
+  arg = config_parsing.parse_arg(
+      "variant=B/4,size=64,lr=3e-4,scan,adaln=False,betas=(0.9,0.99),name='x,y'",
+      variant="S/4", size=32, lr=1e-4, scan=False, adaln=True, betas=(0.9, 0.95), name="")
+  assert arg.variant == "B/4" and arg.size == 64 and isinstance(arg.size, int)
+  assert arg.lr == pytest.approx(3e-4) and isinstance(arg.lr, float)
+  assert arg.scan is True and arg.adaln is False
+  assert arg.betas == (0.9, 0.99)
+  assert arg.name == "x,y"
+
+
+def test_parse_arg_defaults_and_int_for_float():
+  arg = config_parsing.parse_arg("lr=1", lr=0.5, steps=3)
+  assert arg.lr == 1.0 and isinstance(arg.lr, float) and arg.steps == 3
+  assert config_parsing.parse_arg(None, a=1).a == 1
+
+
+def test_unknown_key_lists_known_keys():
+  with pytest.raises(ConfigError, match=r"unknown config option 'sise'.*known options: lr, size"):
+    config_parsing.parse_arg("sise=3", size=1, lr=0.1)
+
+
+@pytest.mark.parametrize("arg,match", [
+    ("size=abc", r"'size' expects a int.*got 'abc'"),
+    ("lr=fast", r"'lr' expects a float"),
+    ("scan=maybe", r"'scan' expects a bool"),
+    ("size", r"'size' needs a value"),
+])
+def test_wrong_type_names_the_key(arg, match):
+  with pytest.raises(ConfigError, match=match):
+    config_parsing.parse_arg(arg, size=1, lr=0.1, scan=False)
+
+
+@pytest.mark.parametrize("method", sorted(methods.PRESETS))
+def test_method_presets_and_explicit_override(method):
+  preset = methods.PRESETS[method]
+  config = ae_i1k.get_config(f"method={method}")
+  assert config.mask_ratio == preset["mask_ratio"]
+  assert config.no_noise_prob == preset["no_noise_prob"]
+  assert config.model.adaln == preset["adaln"]
+  override = ae_i1k.get_config(f"method={method},mask_ratio=0.25,adaln={not preset['adaln']}")
+  assert override.mask_ratio == 0.25 and override.model.adaln != preset["adaln"]
+  methods.check_config(config)
+
+
+def test_method_semantics():
+  mae = ae_i1k.get_config("method=mae")
+  assert mae.no_noise_prob == 1.0 and not mae.model.adaln and mae.input.batch_size == 4096
+  dit = ae_i1k.get_config("method=dit")
+  assert dit.no_noise_prob == 0.0 and dit.mask_ratio == 0.0
+  maskdit = ae_i1k.get_config("method=maskdit")
+  assert maskdit.no_noise_prob == 0.0 and maskdit.mask_ratio == 0.5
+  umd = ae_i1k.get_config("")
+  assert (umd.method, umd.mask_ratio, umd.mask_ratio_no_noise) == ("umd", 0.375, 0.75)
+  assert umd.model.variant == "B/4" and umd.model.image_size == 64
+  assert umd.diffusion.schedule == "cosine" and umd.diffusion.sampling_timesteps == 125
+  assert umd.optax.b2 == 0.95 and umd.wd == 0.05 and umd.grad_clip_norm == 1.0
+  # UMD's decoder keeps the encoder width.
+  assert umd.model.decoder_width == 768 and umd.model.decoder_depth == 4
+
+
+def test_unknown_method():
+  with pytest.raises(ConfigError, match=r"unknown method 'vae'.*dit, mae, maskdit, umd"):
+    ae_i1k.get_config("method=vae")
+
+
+# The commands of seed 002 (UMD README), as config strings, and method presets.
+I1K_VARIANTS = [
+    "variant=B/4,size=64",
+    "variant=B/4,size=64,batch_size=4096,adaln=False",
+    "variant=B/4,size=64,no_noise_prob=0.0,mask_ratio=0.0",
+    "variant=B/4,size=64,no_noise_prob=0.0,mask_ratio=0.5",
+    "variant=L/2,latent_diffusion=True,size=256",
+    "variant=L/16,size=256",
+    "variant=B/4,size=64,batch_size=256,beta2=0.999,mask_ratio=0.0,no_noise_prob=0.05,"
+    "use_labels=True,epochs=50,area_min=95,wd=0.0,finetune=True",
+    "variant=B/4,size=64,adaln=False,batch_size=256,beta2=0.999,mask_ratio=0.0,"
+    "no_noise_prob=0.05,use_labels=True,epochs=50,area_min=95,wd=0.0,finetune=True",
+    "variant=L/2,latent_diffusion=True,size=256,batch_size=256,beta2=0.999,mask_ratio=0.0,"
+    "no_noise_prob=0.0,use_labels=True,epochs=400,area_min=95,wd=0.0",
+] + [f"method={m},variant={v}" for m in sorted(methods.PRESETS)
+     for v in ("Ti/4", "S/4", "B/4", "L/4", "H/4")]
+
+
+@pytest.mark.parametrize("arg", I1K_VARIANTS)
+def test_i1k_config_builds_every_variant(arg):
+  from big_vision.models import ae
+  config = ae_i1k.get_config(arg)
+  methods.check_config(config)
+  model = ae.build_model(config.model)
+  assert model.image_size == tuple(config.diffusion_space[:2])
+  assert model.channels == config.diffusion_space[2]
+
+
+def test_finetune_recipe():
+  config = ae_i1k.get_config("finetune=True")
+  assert config.model.num_classes == 1000 and config.mask_ratio == 0.0
+  assert config.no_noise_prob == 0.05 and config.optax.b2 == 0.999 and config.wd == 0.0
+  assert config.input.batch_size == 256 and config.ema_decay > 0
+  assert config.total_epochs == 50
+  assert ae_i1k.get_config("finetune=True,no_noise_prob=0.0").no_noise_prob == 0.0
+
+
+def test_latent_diffusion_space():
+  config = ae_i1k.get_config("variant=L/2,latent_diffusion=True,size=256")
+  assert tuple(config.diffusion_space) == (32, 32, 4)
+  assert config.diffusion.schedule == "linear" and not config.diffusion.clip_x0
+  with pytest.raises(ConfigError, match="size=256"):
+    ae_i1k.get_config("latent_diffusion=True,size=64")
+
+
+@pytest.mark.parametrize("arg,match", [
+    ("mask_ratio=1.0", r"mask_ratio=1.0 is outside \[0, 1\)"),
+    ("mask_ratio=-0.1", r"mask_ratio=-0.1 is outside"),
+    ("no_noise_prob=1.5", r"no_noise_prob=1.5 is outside \[0, 1\]"),
+    ("variant=Q/4", r"unknown variant 'Q/4'"),
+    ("variant=B/5", r"image size \(64, 64\) is not divisible by the patch size 5"),
+    ("remat=sometimes", r"unknown remat_policy 'sometimes'"),
+])
+def test_check_config_rejects(arg, match):
+  with pytest.raises(ConfigError, match=match):
+    methods.check_config(ae_i1k.get_config(arg))
+
+
+def test_cli_overrides():
+  config, rest = config_cli.load_from_argv(
+      ["--config", "configs/ae_i1k.py:variant=S/4", "--config.model.variant=B/4",
+       "--config.mask_ratio", "0.5", "--workdir", "/tmp/x"])
+  assert config.model.variant == "B/4" and config.mask_ratio == 0.5
+  assert rest == ["--workdir", "/tmp/x"]
+  with pytest.raises(ConfigError, match=r"'model' has no field 'varient'.*variant"):
+    config_cli.load_from_argv(["--config=configs/ae_i1k.py", "--config.model.varient=B/4"])
+  with pytest.raises(ConfigError, match=r"config.mask_ratio' expects a float"):
+    config_cli.load_from_argv(["--config=configs/ae_i1k.py", "--config.mask_ratio=half"])
+  with pytest.raises(ConfigError, match=r"does not exist"):
+    config_cli.load_from_argv(["--config=configs/nope.py"])

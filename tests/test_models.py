@@ -1,0 +1,198 @@
+"""The generic auto-encoder: sizes, every method preset, masking, conditioning, scan."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_vision import methods
+from big_vision.config_parsing import ConfigError
+from big_vision.models import ae
+from big_vision.models import masking
+from configs import ae_i1k
+
+RNGS = {"params": jax.random.PRNGKey(0), "mask": jax.random.PRNGKey(1),
+        "dropout": jax.random.PRNGKey(2)}
+
+# Encoder parameter counts of the DiffMAE size table (plain ViT encoders at 224/16).
+TABLE = {"Ti": 5.7e6, "S": 22e6, "B": 86e6, "L": 304e6, "H": 632e6}
+
+
+@pytest.mark.parametrize("size", sorted(TABLE))
+def test_encoder_sizes_match_table(size):
+  model = ae.build_model(dict(variant=f"{size}/16", image_size=224, adaln=False))
+  params = ae.init_shapes(model)
+  encoder = sum(ae.count_params(params[k]) for k in ("embedding", "cls", "encoder",
+                                                      "encoder_norm"))
+  assert abs(encoder / TABLE[size] - 1) < 0.05, (size, encoder)
+
+
+def test_variant_table_decoder_sizes():
+  assert ae.decode_variant("Ti/4")["decoder_width"] == 96
+  assert ae.decode_variant("B/4")["decoder_depth"] == 8
+  assert ae.decode_variant("H/14") == dict(width=1280, depth=32, mlp_dim=5120, num_heads=16,
+                                            decoder_width=640, decoder_depth=8, patch_size=14)
+
+
+@pytest.mark.parametrize("variant", ["Q/4", "B", "B/x", "b/4", ""])
+def test_unknown_variant(variant):
+  with pytest.raises(ConfigError, match="unknown variant"):
+    ae.decode_variant(variant)
+
+
+def _perturbed(params, scale=0.05, seed=7):
+  """Non-zero everywhere, so zero-initialised AdaLN/heads do not hide bugs."""
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      tree, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _images(b=3, size=16, c=3, seed=0):
+  return jax.random.uniform(jax.random.PRNGKey(seed), (b, size, size, c), minval=-1, maxval=1)
+
+
+@pytest.mark.parametrize("method", sorted(methods.PRESETS))
+def test_every_method_preset_forward(method):
+  config = ae_i1k.get_config(f"method={method},variant=Mu/4,size=16,use_labels=True")
+  model = ae.build_model(config.model)
+  x = _images()
+  t = jnp.array([0, 1, 500])
+  labels = jnp.array([1, 2, 999])
+  params = model.init(RNGS, x, t, labels, mask_ratio=config.mask_ratio)["params"]
+  n = model.num_patches
+  for ratio in (config.mask_ratio, config.mask_ratio_no_noise):
+    out = model.apply({"params": params}, x, t, labels, mask_ratio=ratio, train=True, rngs=RNGS)
+    assert out["x0"].shape == x.shape and out["eps"].shape == x.shape
+    assert out["mask"].shape == (3, n)
+    np.testing.assert_array_equal(out["mask"].sum(1), n - masking.num_kept(n, ratio))
+  rep = model.apply({"params": params}, x, method=model.representation)
+  assert rep.shape == (3, model.width)
+
+
+def test_masked_patches_are_invisible_to_the_model():
+  model = ae.build_model(dict(variant="Mu/4", image_size=16))
+  x = _images()
+  t = jnp.array([3, 3, 3])
+  params = _perturbed(model.init(RNGS, x, t, mask_ratio=0.5)["params"])
+  m = masking.random_masking(jax.random.PRNGKey(5), 3, model.num_patches, 0.5)
+  pixel_mask = masking.mask_to_pixels(m.mask, model.grid, model.patch_size)
+  x2 = jnp.where(pixel_mask > 0, 5.0, x)  # Change only masked pixels.
+  out1 = model.apply({"params": params}, x, t, masking=m)
+  out2 = model.apply({"params": params}, x2, t, masking=m)
+  np.testing.assert_allclose(out1["x0"], out2["x0"], atol=1e-5)
+  x3 = jnp.where(pixel_mask > 0, x, 5.0)  # Change visible pixels: output must change.
+  out3 = model.apply({"params": params}, x3, t, masking=m)
+  assert np.abs(out3["x0"] - out1["x0"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("adaln", [True, False])
+def test_time_conditioning_changes_output(adaln):
+  model = ae.build_model(dict(variant="Mu/4", image_size=16, adaln=adaln))
+  x = _images(b=2)
+  params = _perturbed(model.init(RNGS, x, jnp.zeros(2, jnp.int32))["params"])
+  a = model.apply({"params": params}, x, jnp.array([0, 0]))
+  b = model.apply({"params": params}, x, jnp.array([0, 700]))
+  np.testing.assert_allclose(a["eps"][0], b["eps"][0], atol=1e-5)
+  assert np.abs(a["eps"][1] - b["eps"][1]).max() > 1e-3
+
+
+def test_adaln_zero_init_starts_at_zero_output():
+  model = ae.build_model(dict(variant="Mu/4", image_size=16))
+  x = _images(b=2)
+  variables = model.init(RNGS, x, jnp.array([0, 9]))
+  out = model.apply(variables, x, jnp.array([0, 9]))
+  np.testing.assert_array_equal(out["x0"], 0.0)
+  # AdaLN-Zero: every block's modulation starts at zero.
+  block = variables["params"]["encoder"]["block_00"]["adaln_modulation"]
+  np.testing.assert_array_equal(block["kernel"], 0.0)
+
+
+def test_labels_null_class_and_dropout():
+  model = ae.build_model(dict(variant="Mu/4", image_size=16, num_classes=10,
+                              label_dropout=0.5))
+  x = _images(b=64)
+  t = jnp.zeros(64, jnp.int32)
+  params = _perturbed(model.init(RNGS, x, t, jnp.zeros(64, jnp.int32))["params"])
+  assert params["y_embedder"]["table"]["embedding"].shape == (11, model.width)
+  apply = lambda labels, **kw: model.apply({"params": params}, x, t, labels, **kw)["eps"]
+  null = apply(None)
+  np.testing.assert_allclose(null, apply(jnp.full(64, 10)), atol=1e-6)
+  cond = apply(jnp.full(64, 3))
+  assert np.abs(cond - null).max() > 1e-3
+  dropped = apply(jnp.full(64, 3), train=True, rngs={"dropout": jax.random.PRNGKey(4)})
+  is_null = np.abs(dropped - null).reshape(64, -1).max(1) < 1e-5
+  assert 10 < is_null.sum() < 54  # About half the labels dropped to the null class.
+
+
+def _stack_blocks(params, depth):
+  """Unrolled block_00..block_N params -> the scanned layout (leading depth axis)."""
+  blocks = [params[f"block_{i:02d}"] for i in range(depth)]
+  return {"blocks": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def test_scan_and_remat_match_unrolled():
+  kw = dict(variant="Mu/4", image_size=16)
+  plain = ae.build_model(kw)
+  scanned = ae.build_model(dict(kw, scan=True, remat_policy="nothing_saveable"))
+  x, t = _images(), jnp.array([0, 10, 999])
+  params = _perturbed(plain.init(RNGS, x, t)["params"])
+  params = flax.core.unfreeze(params)
+  sparams = dict(params)
+  sparams["encoder"] = _stack_blocks(params["encoder"], plain.depth)
+  sparams["decoder"] = _stack_blocks(params["decoder"], plain.decoder_depth)
+
+  def loss(p, model):
+    out = model.apply({"params": p}, x, t, mask_ratio=0.5, rngs=RNGS)
+    return jnp.mean(out["eps"] ** 2 + out["x0"] ** 2)
+
+  l1, g1 = jax.value_and_grad(loss)(params, plain)
+  l2, g2 = jax.value_and_grad(loss)(sparams, scanned)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  np.testing.assert_allclose(g1["encoder"]["block_01"]["mlp"]["fc1"]["kernel"],
+                             g2["encoder"]["blocks"]["mlp"]["fc1"]["kernel"][1],
+                             rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_matmuls_close_to_float32():
+  x, t = _images(), jnp.array([0, 10, 999])
+  m32 = ae.build_model(dict(variant="Mu/4", image_size=16))
+  m16 = ae.build_model(dict(variant="Mu/4", image_size=16, dtype_mm="bfloat16"))
+  params = _perturbed(m32.init(RNGS, x, t)["params"])
+  a = m32.apply({"params": params}, x, t)["eps"]
+  b = m16.apply({"params": params}, x, t)["eps"]
+  assert b.dtype == jnp.float32
+  assert np.abs(a - b).max() < 0.05 * np.abs(a).max() + 1e-3
+
+
+def test_representation_is_clean_unmasked_and_deterministic():
+  model = ae.build_model(dict(variant="Mu/4", image_size=16, num_cls_tokens=2))
+  x = _images()
+  params = _perturbed(model.init(RNGS, x, jnp.zeros(3, jnp.int32))["params"])
+  rep = model.apply({"params": params}, x, method=model.representation)
+  assert rep.shape == (3, 64)
+  np.testing.assert_allclose(rep, model.apply({"params": params}, x,
+                                              method=model.representation))
+  # One image's features do not depend on the others in the batch.
+  np.testing.assert_allclose(rep[:1], model.apply({"params": params}, x[:1],
+                                                  method=model.representation), atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (dict(variant="B/4", image_size=30), r"image size \(30, 30\) is not divisible by the patch"),
+    (dict(variant="B/4", image_size=64, masking="block", mask_block_size=3),
+     "mask_block_size 3 does not divide the patch grid 16x16"),
+    (dict(variant="B/4", image_size=64, dtype_mm="fp8"), "unknown dtype_mm 'fp8'"),
+    (dict(variant="B/4", image_size=64, colour=True), r"unknown model option\(s\) colour"),
+])
+def test_bad_model_config(cfg, match):
+  with pytest.raises(ConfigError, match=match):
+    ae.build_model(cfg)
+
+
+def test_block_masking_in_model():
+  model = ae.build_model(dict(variant="Mu/2", image_size=16, masking="block", mask_block_size=4))
+  x = _images(b=2)
+  variables = model.init(RNGS, x, jnp.zeros(2, jnp.int32), mask_ratio=0.75)
+  out = model.apply(variables, x, jnp.zeros(2, jnp.int32), mask_ratio=0.75, rngs=RNGS)
+  np.testing.assert_array_equal(out["mask"].sum(1), 48)  # 3 of 4 blocks of 16 patches.
