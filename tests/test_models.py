@@ -22,7 +22,7 @@ TABLE = {"Ti": 5.7e6, "S": 22e6, "B": 86e6, "L": 304e6, "H": 632e6}
 def test_encoder_sizes_match_table(size):
   model = ae.build_model(dict(variant=f"{size}/16", image_size=224, adaln=False))
   params = ae.init_shapes(model)
-  encoder = sum(ae.count_params(params[k]) for k in ("embedding", "cls", "encoder",
+  encoder = sum(ae.count_params(params[k]) for k in ("patch_embedding", "cls", "encoder",
                                                       "encoder_norm"))
   assert abs(encoder / TABLE[size] - 1) < 0.05, (size, encoder)
 

@@ -207,7 +207,7 @@ class Model(nn.Module):
   def setup(self):
     dtype = MATMUL_DTYPES[self.dtype_mm]
     stack = dict(adaln=self.adaln, scan=self.scan, remat_policy=self.remat_policy, dtype=dtype)
-    self.embedding = nn.Dense(self.width, kernel_init=_dense_init, dtype=dtype)
+    self.patch_embedding = nn.Dense(self.width, kernel_init=_dense_init, dtype=dtype)
     if self.posemb == "learn":
       self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02),
                                       (1, self.num_patches, self.width))
@@ -263,7 +263,7 @@ class Model(nn.Module):
 
   def encode(self, images, cond, masking):
     """Visible patches (+ cls tokens) through the encoder -> [B, num_cls + K, width]."""
-    tokens = self.embedding(patchify(images, self.patch_size)) + self.pos_embedding
+    tokens = self.patch_embedding(patchify(images, self.patch_size)) + self.pos_embedding
     tokens = masking_lib.gather_tokens(tokens, masking.ids_keep)
     cls = jnp.broadcast_to(self.cls, (tokens.shape[0],) + self.cls.shape[1:])
     x = jnp.concatenate([cls.astype(tokens.dtype), tokens], axis=1)

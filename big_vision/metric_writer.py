@@ -1,0 +1,91 @@
+"""Where training metrics go: metrics.jsonl, wandb (offline unless asked) and the log."""
+import json
+import os
+import time
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step; mirrors to wandb on the main process."""
+
+  def __init__(self, workdir, config, is_main=True):
+    self.is_main = is_main
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._wandb = None
+    if not is_main:
+      return
+    mode = config.get("wandb", {}).get("mode", "offline")
+    if mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
+      import wandb  # pylint: disable=g-import-not-at-top
+      self._wandb = wandb.init(
+          mode=mode, dir=workdir, project=config.wandb.get("project", "masked-diffusion-ae"),
+          config=config.to_dict(), resume="allow",
+          id=config.wandb.get("id") or _run_id(workdir))
+
+  def write(self, step, metrics):
+    if not self.is_main:
+      return
+    record = {"step": int(step), **{k: _py(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._wandb is not None:
+      self._wandb.log(record, step=int(step))
+
+  def close(self):
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+def _py(value):
+  """Plain floats for JSON; None for missing or non-finite values (JSON has no NaN)."""
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    return value
+  return value if value == value and abs(value) != float("inf") else None
+
+
+def _run_id(workdir):
+  """A stable wandb id per workdir, so a resumed run continues the same wandb run."""
+  path = os.path.join(workdir, "wandb_id.txt")
+  if os.path.exists(path):
+    with open(path) as f:
+      return f.read().strip()
+  run_id = f"run-{int(time.time())}"
+  with open(path, "w") as f:
+    f.write(run_id)
+  return run_id
+
+
+class Progress:
+  """One log line per interval: step, loss, learning rate, img/s and ETA."""
+
+  def __init__(self, total_steps, batch_size, first_step):
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self._last_time = None
+    self._last_step = first_step
+
+  def measure(self, step):
+    """Images per second since the last call (None at the first call, which compiles)."""
+    now = time.time()
+    rate = None
+    if self._last_time is not None and step > self._last_step:
+      rate = (step - self._last_step) * self.batch_size / (now - self._last_time)
+    self._last_time, self._last_step = now, step
+    return rate
+
+  def line(self, step, metrics, rate):
+    eta = "?"
+    if rate:
+      seconds = (self.total_steps - step) * self.batch_size / rate
+      eta = time.strftime("%H:%M:%S", time.gmtime(seconds))
+    img_s = f"{rate:.1f}" if rate else "(compiling)"
+    text = f"step {step}/{self.total_steps} loss {metrics['loss']:.4f}"
+    for key in ("loss_clean", "loss_noised"):
+      if key in metrics:
+        text += f" {key.split('_')[1]} {metrics[key]:.4f}"
+    return text + f" lr {metrics['lr']:.2e} img/s {img_s} ETA {eta}"
+
+
+def log(text):
+  print(text, flush=True)

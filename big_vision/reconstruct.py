@@ -1,0 +1,39 @@
+"""Masked reconstruction of images: what the model fills in where it cannot see.
+
+Shared by the trainer's PNG grids and the reconstruction evaluator.
+"""
+import jax
+import jax.numpy as jnp
+
+from big_vision.models import masking as masking_lib
+
+
+def reconstruct(apply_fn, params, images, rng, *, mask_ratio, grid, patch_size, t=None,
+                diffusion=None, labels=None):
+  """One-step x0 reconstruction of masked (and optionally noised) images.
+
+  Args:
+    apply_fn: (params, images, t, labels, mask_ratio=, rngs=) -> model outputs.
+    images: clean [B, H, W, C] in [-1, 1].
+    t: None for clean inputs, else an int diffusion step (0-based) applied to all images.
+  Returns:
+    dict(input=what the encoder saw, masked patches grey; prediction=x0 everywhere;
+         reconstruction=visible pixels of the original + predicted masked pixels;
+         mask=[B,H,W,1] pixel mask).
+  """
+  b = images.shape[0]
+  rng_mask, rng_noise = jax.random.split(rng)
+  if t is None:
+    x_in, t_model = images, jnp.zeros((b,), jnp.int32)
+  else:
+    t_arr = jnp.full((b,), t, jnp.int32)
+    x_in = diffusion.q_sample(images, t_arr, jax.random.normal(rng_noise, images.shape))
+    t_model = t_arr + 1  # The network keeps t = 0 for clean inputs.
+  out = apply_fn(params, x_in, t_model, labels, mask_ratio=mask_ratio,
+                 rngs={"mask": rng_mask, "dropout": rng_mask})
+  mask = masking_lib.mask_to_pixels(out["mask"], grid, patch_size)
+  prediction = jnp.clip(out["x0"], -1.0, 1.0)
+  return dict(input=jnp.where(mask > 0, 0.0, x_in),
+              prediction=prediction,
+              reconstruction=jnp.where(mask > 0, prediction, images),
+              mask=mask)

@@ -1,0 +1,251 @@
+r"""Trains the masked-diffusion auto-encoder (UMD, MAE, DiT, MaskDiT by config).
+
+  python -m big_vision.train --config configs/ae_fmnist.py:method=umd --workdir DIR
+
+Reads top to bottom: config -> data -> model -> optimizer -> shardings -> state
+(fresh, resumed or init_from) -> loop (log, checkpoint, pictures) -> final save.
+Running again on the same workdir resumes from its last checkpoint.
+"""
+import functools
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from big_vision import checkpointing
+from big_vision import config_cli
+from big_vision import diffusion as diffusion_lib
+from big_vision import input_pipeline
+from big_vision import methods
+from big_vision import metric_writer
+from big_vision import objective
+from big_vision import optimizer as optimizer_lib
+from big_vision import reconstruct
+from big_vision import sharding
+from big_vision import steps as steps_lib
+from big_vision import visualize
+from big_vision.config_parsing import ConfigError
+from big_vision.models import ae
+
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and pictures go.")
+
+
+def check_trainable(config):
+  """Checks beyond the model that only the trainer cares about; before any work."""
+  methods.check_config(config)
+  if config.get("latent_diffusion"):
+    raise ConfigError("latent_diffusion=True needs a VAE encoder loaded from "
+                      "config.vae.weights; this trainer trains in pixel space only so far")
+  if not config.get("total_steps") and not config.get("total_epochs"):
+    raise ConfigError("set the run's length: total_steps=N or epochs=E in the config string")
+
+
+def save_config(config, workdir):
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def make_apply(model):
+  def apply(params, images, t, labels, *, mask_ratio, train=False, rngs=None):
+    return model.apply({"params": params}, images, t, labels, mask_ratio=mask_ratio,
+                       train=train, rngs=rngs)
+  return apply
+
+
+def train(config, workdir):
+  """Runs (or resumes) one training run in `workdir`. Returns the final metrics."""
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    save_config(config, workdir)
+  log = metric_writer.log if is_main else (lambda *_: None)
+
+  # Data: each process reads its own shard and batch_size // process_count per step.
+  mesh = sharding.make_mesh()
+  batch_size = config.input.batch_size
+  sharding.check_batch(batch_size, mesh)
+  ckpt = checkpointing.Checkpointer(workdir)
+  resume_step = ckpt.latest_step()
+  train_ds, num_train = input_pipeline.training(config.input, seed=config.seed,
+                                                skip_batches=resume_step or 0)
+  total_steps = steps_lib.resolve(config, "total", num_train, batch_size)
+  warmup_steps = steps_lib.resolve(config, "warmup", num_train, batch_size, default=0)
+  log(f"{num_train} training images, batch {batch_size} on {mesh.devices.size} devices, "
+      f"{total_steps} steps ({total_steps * batch_size / num_train:.2f} epochs)")
+
+  # Model and diffusion.
+  model = ae.build_model(config.model)
+  apply = make_apply(model)
+  diffusion = diffusion_lib.GaussianDiffusion.create(config.diffusion.schedule,
+                                                     config.diffusion.timesteps)
+  labels_on = bool(config.model.get("num_classes"))
+
+  # Optimizer and shardings of the whole train state.
+  h, w = model.image_size
+  dummy = (jnp.zeros((2, h, w, model.channels)), jnp.zeros((2,), jnp.int32))
+
+  def init(rng):
+    rngs = dict(zip(("params", "mask", "dropout"), jax.random.split(rng, 3)))
+    return model.init(rngs, *dummy, mask_ratio=0.0)["params"]
+
+  abstract_params = jax.eval_shape(init, jax.random.PRNGKey(0))
+  tx, lr_fn = optimizer_lib.make(config, abstract_params, total_steps, warmup_steps)
+  use_ema = bool(config.get("ema_decay"))
+
+  def init_state(rng):
+    params = init(rng)
+    state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+    if use_ema:
+      state["ema_params"] = params
+    return state
+
+  abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  state_shardings = sharding.tree_shardings(abstract_state, mesh, config.param_sharding)
+  repl, data_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  log(f"model {config.model.variant}: {ae.count_params(abstract_params) / 1e6:.2f}M params")
+
+  # State: resume from this workdir, else init (optionally from another run).
+  init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  start_step = resume_step
+  if start_step is not None:
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state, state_shardings)
+    state, extra = ckpt.restore(start_step, target)
+    log(f"resumed from step {start_step} ({extra})")
+  else:
+    start_step = 0
+    state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+    if config.get("init_from"):
+      params, fresh = checkpointing.merge_params(
+          state["params"], checkpointing.load_params(config.init_from))
+      state = dict(state, params=params, opt_state=jax.jit(
+          tx.init, out_shardings=state_shardings["opt_state"])(params))
+      if use_ema:
+        state["ema_params"] = params
+      log(f"initialised from {config.init_from}; fresh: {fresh or 'nothing'}")
+
+  # The update step: one jit-compiled program with explicit shardings.
+  loss_fn = functools.partial(
+      objective.umd_loss, apply, diffusion=diffusion, no_noise_prob=config.no_noise_prob,
+      mask_ratio=config.mask_ratio, mask_ratio_no_noise=config.mask_ratio_no_noise,
+      grid=model.grid, patch_size=model.patch_size)
+
+  def update(state, batch):
+    step_rng = jax.random.fold_in(rng, state["step"])
+    labels = batch["label"] if labels_on else None
+
+    def loss_of(params):
+      return loss_fn(params, batch["image"], labels, step_rng)
+
+    (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = dict(params=params, opt_state=opt_state, step=state["step"] + 1)
+    if use_ema:
+      new["ema_params"] = optimizer_lib.ema_update(state["ema_params"], params,
+                                                   config.ema_decay)
+    metrics.update(lr=lr_fn(state["step"]), grad_norm=optax.global_norm(grads))
+    return new, metrics
+
+  update = jax.jit(update, in_shardings=(state_shardings, data_sharding),
+                   out_shardings=(state_shardings, repl), donate_argnums=(0,))
+
+  # Pictures of reconstructions from a fixed set of training images.
+  vis_n = min(8, batch_size)
+
+  @functools.partial(jax.jit, static_argnames=("mask_ratio", "t"))
+  def predict_recon(params, images, rng, mask_ratio, t):
+    return reconstruct.reconstruct(apply, params, images, rng, mask_ratio=mask_ratio,
+                                   grid=model.grid, patch_size=model.patch_size, t=t,
+                                   diffusion=diffusion)
+
+  def write_pictures(step, params, vis_images):
+    if not is_main:
+      return
+    rows, names = [vis_images], ["original"]
+    if config.no_noise_prob > 0:
+      r = predict_recon(params, vis_images, jax.random.PRNGKey(1),
+                        config.mask_ratio_no_noise, None)
+      rows += [r["input"], r["reconstruction"]]
+      names += [f"clean input, {config.mask_ratio_no_noise:.0%} masked", "reconstruction"]
+    if config.no_noise_prob < 1:
+      t = diffusion.num_timesteps // 4
+      r = predict_recon(params, vis_images, jax.random.PRNGKey(2), config.mask_ratio, t)
+      rows += [r["input"], r["prediction"]]
+      names += [f"noised t={t}, {config.mask_ratio:.0%} masked", "x0 prediction"]
+    rows = [np.asarray(jax.device_get(r)) for r in rows]
+    path = os.path.join(workdir, "images", f"reconstruction_{step:07d}.png")
+    visualize.image_grid(rows, path, row_names=names)
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+      visualize.loss_curve(os.path.join(workdir, "metrics.jsonl"),
+                           os.path.join(workdir, "loss_curve.png"))
+
+  # The loop. The data iterator skips the batches earlier runs consumed.
+  writer = metric_writer.MetricWriter(workdir, config, is_main=is_main)
+  batches = input_pipeline.start_global(train_ds, data_sharding, n_prefetch=config.input.get("prefetch_to_device", 2))
+  progress = metric_writer.Progress(total_steps, batch_size, start_step)
+  log_every = config.get("log_training_steps", 50)
+  ckpt_every = config.get("ckpt_steps", 1000)
+  image_every = config.get("image_steps", 2000)
+  vis_images, metrics = None, {}
+  for step in range(start_step + 1, total_steps + 1):
+    batch = next(batches)
+    if vis_images is None:
+      vis_images = jax.device_put(
+          np.asarray(jax.device_get(batch["image"]))[:vis_n], repl) if is_main else None
+    state, metrics = update(state, batch)
+    if step % log_every == 0 or step == total_steps or step == start_step + 1:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      rate = progress.measure(step)
+      log(progress.line(step, metrics, rate))
+      writer.write(step, dict(metrics, img_per_sec=rate,
+                              epoch=step * batch_size / num_train))
+    if step % ckpt_every == 0 and step != total_steps:
+      ckpt.save(step, state, dict(step=step, examples_seen=step * batch_size))
+    if step % image_every == 0 and step != total_steps:
+      write_pictures(step, state["params"], vis_images)
+
+  # The end: final checkpoint and pictures.
+  if total_steps > start_step:
+    ckpt.save(total_steps, state, dict(step=total_steps,
+                                       examples_seen=total_steps * batch_size))
+    if vis_images is not None:
+      write_pictures(total_steps, state["params"], vis_images)
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  log(f"done: {total_steps} steps; workdir {workdir}")
+  return metrics
+
+
+def main(argv, config):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  workdir = flags.FLAGS.workdir
+  if not workdir:
+    print("error: --workdir DIR is required", file=sys.stderr)
+    sys.exit(2)
+  try:
+    train(config, workdir)
+  except ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  # The config is loaded and checked before absl, jax compilation or data: a bad value
+  # costs one line and no time.
+  config, rest = config_cli.load_or_exit(sys.argv[1:], check=check_trainable)
+  app.run(functools.partial(main, config=config), argv=[sys.argv[0]] + rest)
+
+
+if __name__ == "__main__":
+  run()
+

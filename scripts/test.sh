@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Installs (scripts/setup.sh) and runs the whole test suite on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 WANDB_MODE=disabled
+.venv/bin/python -m pytest -q tests "$@"

@@ -1,0 +1,93 @@
+"""The UMD objective and its presets, checked against hand-computed losses."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_vision import objective
+from big_vision.models import masking
+
+
+class FakeDiffusion:
+  """x_t = x0 + 10 * noise, so the tests can tell noised from clean inputs."""
+  num_timesteps = 100
+
+  def q_sample(self, x0, t, noise):
+    del t
+    return x0 + 10.0 * noise
+
+
+def make_fake_apply(calls, x0_err=1.0, eps_err=2.0):
+  """A 'model' predicting x0 = truth + x0_err and eps = truth + eps_err everywhere.
+
+  It recovers the truth from its input: clean inputs are x0 itself; noised inputs carry
+  the noise that FakeDiffusion added, which the test passes through `truth`.
+  """
+  def apply(params, images, t, labels, *, mask_ratio, train, rngs):
+    del params, labels, train
+    b = images.shape[0]
+    calls.append(dict(t=np.asarray(t), mask_ratio=mask_ratio, batch=b))
+    m = masking.random_masking(rngs["mask"], b, 16, mask_ratio) if mask_ratio else \
+        masking.no_masking(b, 16)
+    truth_x0, truth_eps = calls_truth["x0"], calls_truth["eps"]
+    sl = slice(0, b) if calls[-1]["t"].max() == 0 else slice(-b, None)
+    return dict(x0=truth_x0[sl] + x0_err, eps=truth_eps[sl] + eps_err, mask=m.mask)
+  return apply
+
+
+calls_truth = {}
+
+
+def run(no_noise_prob, mask_ratio, mask_ratio_no_noise, b=8):
+  images = jax.random.uniform(jax.random.PRNGKey(0), (b, 8, 8, 1), minval=-1, maxval=1)
+  rng = jax.random.PRNGKey(1)
+  n_clean, n_noised = objective.split_sizes(b, no_noise_prob)
+  # Recreate the noise the objective draws, to give the fake model its targets.
+  _, _, _, rng_eps = jax.random.split(rng, 4)
+  noise = jax.random.normal(rng_eps, (n_noised, 8, 8, 1))
+  calls_truth.update(x0=images, eps=jnp.concatenate([jnp.zeros((n_clean, 8, 8, 1)), noise]))
+  calls = []
+  loss, metrics = objective.umd_loss(
+      make_fake_apply(calls), None, images, None, rng, FakeDiffusion(),
+      no_noise_prob=no_noise_prob, mask_ratio=mask_ratio,
+      mask_ratio_no_noise=mask_ratio_no_noise, grid=(4, 4), patch_size=2)
+  return float(loss), {k: float(v) for k, v in metrics.items()}, calls
+
+
+def test_split_sizes():
+  assert objective.split_sizes(128, 0.5) == (64, 64)
+  assert objective.split_sizes(10, 0.1) == (1, 9)
+  assert objective.split_sizes(8, 0.0) == (0, 8)
+  assert objective.split_sizes(8, 1.0) == (8, 0)
+
+
+def test_umd_split_losses_and_weights():
+  loss, metrics, calls = run(no_noise_prob=0.25, mask_ratio=0.5, mask_ratio_no_noise=0.75)
+  # Clean branch: x0 error 1 on masked pixels -> 1. Noised: mean(eps 2^2, x0 1^2) = 2.5.
+  assert metrics["loss_clean"] == pytest.approx(1.0)
+  assert metrics["loss_noised"] == pytest.approx(2.5)
+  assert loss == pytest.approx(0.25 * 1.0 + 0.75 * 2.5)
+  assert [c["batch"] for c in calls] == [2, 6]
+  assert [c["mask_ratio"] for c in calls] == [0.75, 0.5]
+  np.testing.assert_array_equal(calls[0]["t"], 0)  # Clean images are fed t = 0 ...
+  assert calls[1]["t"].min() >= 1 and calls[1]["t"].max() <= 100  # ... noised t + 1.
+
+
+def test_dit_preset_is_eps_loss_on_all_pixels():
+  loss, metrics, calls = run(no_noise_prob=0.0, mask_ratio=0.0, mask_ratio_no_noise=0.75)
+  assert loss == pytest.approx(4.0) and "loss_clean" not in metrics
+  assert len(calls) == 1 and calls[0]["mask_ratio"] == 0.0
+
+
+def test_mae_preset_is_clean_masked_x0_loss():
+  loss, metrics, calls = run(no_noise_prob=1.0, mask_ratio=0.375, mask_ratio_no_noise=0.75)
+  assert loss == pytest.approx(1.0) and "loss_noised" not in metrics
+  assert len(calls) == 1 and calls[0]["mask_ratio"] == 0.75
+
+
+def test_masked_mse_ignores_visible_pixels():
+  out = dict(x0=jnp.zeros((1, 4, 4, 1)), mask=jnp.array([[1.0, 0.0, 0.0, 0.0]]))
+  target = jnp.zeros((1, 4, 4, 1)).at[0, 2:, 2:].set(7.0)  # Error only in a visible patch.
+  assert float(objective.clean_branch_loss(out, target, (2, 2), 2)) == 0.0
+  target = jnp.zeros((1, 4, 4, 1)).at[0, :2, :2].set(3.0)  # Error in the masked patch.
+  assert float(objective.clean_branch_loss(out, target, (2, 2), 2)) == pytest.approx(9.0)
