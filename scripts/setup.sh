@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) with everything in requirements.txt, and installs Debian's
-# Fashion-MNIST files when they are missing. Safe to run again.
+# Fashion-MNIST files when they are missing. Safe to run again: pip runs only when
+# requirements.txt changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
@@ -10,7 +11,10 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import jax, flax, optax, orbax.checkpoint, tensorflow, tensorflow_datasets, ml_collections, wandb, matplotlib, pytest" 2>/dev/null; then
+stamp=.venv/.requirements.sha256
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -r requirements.txt
+  echo "$want" > "$stamp"
 fi
