@@ -5,6 +5,7 @@ matrices only: biases, norms, embeddings, cls and mask tokens are not decayed.
 Gradients are clipped by global norm first.
 """
 import jax
+import jax.numpy as jnp
 import optax
 
 # Parameter names never decayed (matched against any element of the path); "embedding"
@@ -42,6 +43,10 @@ def make(config, params, total_steps, warmup_steps):
   parts.append(optax.adamw(schedule, b1=config.optax.b1, b2=config.optax.b2,
                            weight_decay=config.wd, mask=decay_mask(params)))
   return optax.chain(*parts), schedule
+
+
+def global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def ema_update(ema_params, params, decay):

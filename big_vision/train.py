@@ -59,7 +59,7 @@ def make_apply(model):
 
 
 def train(config, workdir):
-  """Runs (or resumes) one training run in `workdir`. Returns the final metrics."""
+  """Runs (or resumes) one training run in `workdir`. Returns (state, last metrics)."""
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
@@ -151,7 +151,7 @@ def train(config, workdir):
     if use_ema:
       new["ema_params"] = optimizer_lib.ema_update(state["ema_params"], params,
                                                    config.ema_decay)
-    metrics.update(lr=lr_fn(state["step"]), grad_norm=optax.global_norm(grads))
+    metrics.update(lr=lr_fn(state["step"]), grad_norm=optimizer_lib.global_norm(grads))
     return new, metrics
 
   update = jax.jit(update, in_shardings=(state_shardings, data_sharding),
@@ -189,40 +189,45 @@ def train(config, workdir):
 
   # The loop. The data iterator skips the batches earlier runs consumed.
   writer = metric_writer.MetricWriter(workdir, config, is_main=is_main)
-  batches = input_pipeline.start_global(train_ds, data_sharding, n_prefetch=config.input.get("prefetch_to_device", 2))
+  batches = input_pipeline.start_global(
+      train_ds, data_sharding, n_prefetch=config.input.get("prefetch_to_device", 2))
   progress = metric_writer.Progress(total_steps, batch_size, start_step)
   log_every = config.get("log_training_steps", 50)
   ckpt_every = config.get("ckpt_steps", 1000)
   image_every = config.get("image_steps", 2000)
   vis_images, metrics = None, {}
-  for step in range(start_step + 1, total_steps + 1):
-    batch = next(batches)
-    if vis_images is None:
-      vis_images = jax.device_put(
-          np.asarray(jax.device_get(batch["image"]))[:vis_n], repl) if is_main else None
-    state, metrics = update(state, batch)
-    if step % log_every == 0 or step == total_steps or step == start_step + 1:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      rate = progress.measure(step)
-      log(progress.line(step, metrics, rate))
-      writer.write(step, dict(metrics, img_per_sec=rate,
-                              epoch=step * batch_size / num_train))
-    if step % ckpt_every == 0 and step != total_steps:
-      ckpt.save(step, state, dict(step=step, examples_seen=step * batch_size))
-    if step % image_every == 0 and step != total_steps:
-      write_pictures(step, state["params"], vis_images)
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(batches)
+      if vis_images is None:
+        vis_images = jax.device_put(
+            np.asarray(jax.device_get(batch["image"]))[:vis_n], repl) if is_main else None
+      state, metrics = update(state, batch)
+      if step % log_every == 0 or step == total_steps or step == start_step + 1:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        rate = progress.measure(step)
+        log(progress.line(step, metrics, rate))
+        writer.write(step, dict(metrics, img_per_sec=rate,
+                                epoch=step * batch_size / num_train))
+      if step % ckpt_every == 0 and step != total_steps:
+        ckpt.save(step, state, dict(step=step, examples_seen=step * batch_size))
+      if step % image_every == 0 and step != total_steps:
+        write_pictures(step, state["params"], vis_images)
 
-  # The end: final checkpoint and pictures.
-  if total_steps > start_step:
-    ckpt.save(total_steps, state, dict(step=total_steps,
-                                       examples_seen=total_steps * batch_size))
-    if vis_images is not None:
-      write_pictures(total_steps, state["params"], vis_images)
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
+    # The end: final checkpoint and pictures.
+    if total_steps > start_step:
+      ckpt.save(total_steps, state, dict(step=total_steps,
+                                         examples_seen=total_steps * batch_size))
+      if vis_images is not None:
+        write_pictures(total_steps, state["params"], vis_images)
+  finally:  # Also when interrupted: let pending checkpoint writes finish.
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    if hasattr(batches, "close"):
+      batches.close()
   log(f"done: {total_steps} steps; workdir {workdir}")
-  return metrics
+  return state, metrics
 
 
 def main(argv, config):

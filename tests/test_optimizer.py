@@ -59,7 +59,7 @@ def test_weight_decay_only_where_masked_and_clipping():
   big = jax.tree_util.tree_map(lambda x: 1e6 * jnp.ones_like(x), params)
   clip = optax.clip_by_global_norm(1.0)
   clipped, _ = clip.update(big, clip.init(params))
-  assert float(optax.global_norm(clipped)) == pytest.approx(1.0, rel=1e-5)
+  assert float(optimizer.global_norm(clipped)) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_ema_update():

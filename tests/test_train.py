@@ -1,0 +1,168 @@
+"""End-to-end training on real Fashion-MNIST with tiny models: loss falls, resume is exact,
+bad configs fail fast, every method preset trains, and the ImageNet config runs on mock data."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from big_vision import config_cli
+from big_vision import input_pipeline
+from big_vision import train
+from tests import test_input_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """Fashion-MNIST prepared once for this module (from Debian's files)."""
+  path = str(tmp_path_factory.mktemp("tfds"))
+  input_pipeline.get_dataset_builder("fashion_mnist_local", path)
+  return path
+
+
+def fmnist_config(data_dir, arg, **overrides):
+  config, _ = config_cli.load_from_argv(
+      [f"--config=configs/ae_fmnist.py:variant=Mu/4,batch_size=32,wandb_mode=disabled,{arg}"]
+      + [f"--config.{k}={v}" for k, v in overrides.items()])
+  config.input.data.data_dir = data_dir
+  config.input.shuffle_buffer_size = 2000
+  train.check_trainable(config)
+  return config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_loss_falls_and_workdir_is_complete(data_dir, tmp_path):
+  config = fmnist_config(data_dir, "total_steps=30,lr=2e-2,warmup=0.1", log_training_steps=1,
+                         image_steps=20)
+  workdir = str(tmp_path / "run")
+  train.train(config, workdir)
+  records = read_metrics(workdir)
+  assert [r["step"] for r in records] == list(range(1, 31))
+  losses = np.array([r["loss"] for r in records])
+  assert np.isfinite(losses).all()
+  assert losses[-5:].mean() < 0.8 * losses[:5].mean(), losses
+  assert {"loss", "loss_clean", "loss_noised", "lr", "grad_norm"} <= set(records[-1])
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert os.path.exists(os.path.join(workdir, "loss_curve.png"))
+  images = sorted(os.listdir(os.path.join(workdir, "images")))
+  assert images == ["reconstruction_0000020.png", "reconstruction_0000030.png"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["30"]
+
+
+class Interrupt(Exception):
+  pass
+
+
+def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
+  config = fmnist_config(data_dir, "total_steps=12,ema=0.9", log_training_steps=1,
+                         ckpt_steps=6)
+  straight = str(tmp_path / "straight")
+  state_a, _ = train.train(config, straight)
+
+  # Same run, interrupted after step 8 (its last checkpoint is step 6), then restarted.
+  resumed = str(tmp_path / "resumed")
+  real_start = input_pipeline.start_global
+
+  def start_then_die(*args, **kwargs):
+    batches = real_start(*args, **kwargs)
+    for _ in range(8):
+      yield next(batches)
+    raise Interrupt()
+
+  monkeypatch.setattr(input_pipeline, "start_global", start_then_die)
+  with pytest.raises(Interrupt):
+    train.train(config, resumed)
+  monkeypatch.setattr(input_pipeline, "start_global", real_start)
+  assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["6"]
+  state_b, _ = train.train(config, resumed)
+
+  a = {r["step"]: r["loss"] for r in read_metrics(straight)}
+  b = {r["step"]: r["loss"] for r in read_metrics(resumed) if r["step"] > 6}
+  assert sorted(b) == list(range(7, 13))
+  for step in b:
+    assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+  for key in ("params", "ema_params"):
+    for x, y in zip(jax.tree_util.tree_leaves(state_a[key]),
+                    jax.tree_util.tree_leaves(state_b[key])):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["mae", "dit", "maskdit"])
+def test_method_presets_train(data_dir, tmp_path, method):
+  config = fmnist_config(data_dir, f"method={method},total_steps=3", log_training_steps=1)
+  train.train(config, str(tmp_path / method))
+  records = read_metrics(str(tmp_path / method))
+  assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
+  has_clean = method == "mae"
+  assert ("loss_clean" in records[0]) == has_clean
+  assert ("loss_noised" in records[0]) == (not has_clean)
+
+
+def test_init_from_adds_label_embedding(data_dir, tmp_path):
+  source = str(tmp_path / "pretrain")
+  train.train(fmnist_config(data_dir, "total_steps=2"), source)
+  config = fmnist_config(data_dir, f"total_steps=2,use_labels=True,init_from={source}")
+  state, _ = train.train(config, str(tmp_path / "finetune"))
+  pretrained, _ = train.train(fmnist_config(data_dir, "total_steps=2"), source)  # Resumes: no-op.
+  # The encoder came from the source run (then took 2 steps), labels are new.
+  assert "y_embedder" in state["params"] and "y_embedder" not in pretrained["params"]
+
+
+def _run_cli(args, env_extra=None, timeout=120):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="disabled", **(env_extra or {}))
+  return subprocess.run([sys.executable, "-m", "big_vision.train"] + args, cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("configs/ae_fmnist.py:mask_ratio=1.0", "mask_ratio=1.0 is outside [0, 1)"),
+    ("configs/ae_fmnist.py:variant=Z/4", "unknown variant 'Z/4'"),
+    ("configs/ae_fmnist.py:variant=S/5", "is not divisible by the patch size 5"),
+    ("configs/ae_fmnist.py:mask_raito=0.5", "unknown config option 'mask_raito'"),
+    ("configs/ae_fmnist.py:batch_size=big", "'batch_size' expects a int"),
+])
+def test_bad_config_fails_in_one_line_before_any_work(tmp_path, arg, message):
+  workdir = tmp_path / "never"
+  out = _run_cli(["--config", arg, "--workdir", str(workdir)])
+  assert out.returncode == 2
+  lines = [l for l in out.stderr.strip().splitlines() if "config error" in l]
+  assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  assert not workdir.exists()  # Nothing was built, written or compiled.
+
+
+def test_batch_not_divisible_by_devices(tmp_path, data_dir):
+  out = _run_cli(["--config", "configs/ae_fmnist.py:batch_size=7,total_steps=1",
+                  "--workdir", str(tmp_path / "w")],
+                 env_extra=dict(XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                                TFDS_DATA_DIR=data_dir))
+  assert out.returncode == 2
+  assert "batch_size=7 is not divisible by the 2 devices" in out.stderr, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+
+
+def test_imagenet_config_two_steps_on_mock_data(tmp_path):
+  test_input_pipeline.write_fake_metadata(str(tmp_path / "tfds"), "imagenet2012", 64,
+                                          ("train", "validation"))
+  config, _ = config_cli.load_from_argv(
+      ["--config=configs/ae_i1k.py:variant=Mu/4,size=32,batch_size=8,total_steps=2,"
+       "wandb_mode=disabled"])
+  config.input.data.data_dir = str(tmp_path / "tfds")
+  config.input.data.split = "train"
+  config.input.shuffle_buffer_size = 16
+  train.check_trainable(config)
+  with tfds.testing.mock_data(num_examples=64, data_dir=str(tmp_path / "tfds"),
+                              policy=tfds.testing.MockPolicy.USE_FILES):
+    _, metrics = train.train(config, str(tmp_path / "i1k"))
+  assert np.isfinite(metrics["loss"])
+  assert metrics["loss_clean"] > 0 and metrics["loss_noised"] > 0
