@@ -41,22 +41,26 @@ class Checkpointer:
 
 
 def load_params(path):
-  """Parameters of another run for `init_from`: a workdir or its checkpoints folder.
-
-  Returns the params tree as host arrays.
+  """Parameters of a finished or running run: a workdir, its checkpoints folder, or one
+  step's folder (DIR/checkpoints/1000). Returns ({"params": ..., and "ema_params" when the
+  run keeps them}, step), as host arrays.
   """
   path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  step = None
+  if os.path.basename(path).isdigit() and os.path.isdir(path):
+    path, step = os.path.dirname(path), int(os.path.basename(path))
+  elif os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"init_from: {path} is not a workdir or checkpoint directory")
+    raise FileNotFoundError(f"{path} is not a workdir or checkpoint directory")
   manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
+  step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"init_from: no checkpoint under {path}")
+    raise FileNotFoundError(f"no checkpoint under {path}")
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   manager.close()
-  return restored.state["params"]
+  state = restored.state
+  return {k: state[k] for k in ("params", "ema_params") if k in state}, step
 
 
 def merge_params(fresh, loaded):

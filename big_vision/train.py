@@ -30,6 +30,7 @@ from big_vision import reconstruct
 from big_vision import sharding
 from big_vision import steps as steps_lib
 from big_vision import visualize
+from big_vision.evaluators import common as eval_common
 from big_vision.config_parsing import ConfigError
 from big_vision.models import ae
 
@@ -124,7 +125,7 @@ def train(config, workdir):
     state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
     if config.get("init_from"):
       params, fresh = checkpointing.merge_params(
-          state["params"], checkpointing.load_params(config.init_from))
+          state["params"], checkpointing.load_params(config.init_from)[0]["params"])
       state = dict(state, params=params, opt_state=jax.jit(
           tx.init, out_shardings=state_shardings["opt_state"])(params))
       if use_ema:
@@ -187,6 +188,11 @@ def train(config, workdir):
       visualize.loss_curve(os.path.join(workdir, "metrics.jsonl"),
                            os.path.join(workdir, "loss_curve.png"))
 
+  # Evaluators (config.evals), run at their intervals and at the end.
+  evals = eval_common.build(config, eval_common.Context(
+      model=model, diffusion=diffusion, config=config, workdir=workdir, mesh=mesh,
+      data_sharding=data_sharding), num_train, batch_size)
+
   # The loop. The data iterator skips the batches earlier runs consumed.
   writer = metric_writer.MetricWriter(workdir, config, is_main=is_main)
   batches = input_pipeline.start_global(
@@ -213,6 +219,8 @@ def train(config, workdir):
         ckpt.save(step, state, dict(step=step, examples_seen=step * batch_size))
       if step % image_every == 0 and step != total_steps:
         write_pictures(step, state["params"], vis_images)
+      if step != total_steps:
+        eval_common.run_due(evals, step, total_steps, state, writer, log)
 
     # The end: final checkpoint and pictures.
     if total_steps > start_step:
@@ -220,6 +228,7 @@ def train(config, workdir):
                                          examples_seen=total_steps * batch_size))
       if vis_images is not None:
         write_pictures(total_steps, state["params"], vis_images)
+      eval_common.run_due(evals, total_steps, total_steps, state, writer, log)
   finally:  # Also when interrupted: let pending checkpoint writes finish.
     ckpt.wait()
     ckpt.close()

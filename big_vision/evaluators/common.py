@@ -1,0 +1,137 @@
+"""Builds evaluators from `config.evals` and runs them when due.
+
+`config.evals` maps a name to a spec:
+  type:        module in big_vision/evaluators/ (fewshot, diffusion_loss, reconstruction,
+               sampling, inpainting)
+  every_steps / every_epochs: how often (also run at the end of training)
+  use_ema:     evaluate the EMA parameters when the run keeps them (default True)
+  data, pp, batch_size: its own data (default: the training dataset's eval split)
+  ...:         the evaluator's own options.
+Each evaluator is `Evaluator(context, **options)` with `run(params, step)` yielding
+(metric name, value); names are prefixed with the eval's name in metrics.jsonl.
+"""
+import dataclasses
+import importlib
+import math
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from big_vision import input_pipeline
+from big_vision.config_parsing import ConfigError
+
+TYPES = ("fewshot", "diffusion_loss", "reconstruction", "sampling", "inpainting")
+_FRAMEWORK_KEYS = ("type", "every_steps", "every_epochs", "use_ema")
+
+
+@dataclasses.dataclass
+class Context:
+  """What every evaluator may use: the model and its diffusion, the run's config."""
+  model: Any
+  diffusion: Any
+  config: Any
+  workdir: str
+  mesh: Any
+  data_sharding: Any
+
+  @property
+  def is_main(self):
+    return jax.process_index() == 0
+
+
+@dataclasses.dataclass
+class Scheduled:
+  name: str
+  evaluator: Any
+  every: int  # Steps; 0 means only at the end.
+  use_ema: bool
+
+
+def build(config, context, num_train, batch_size):
+  """[Scheduled] for every entry of config.evals; unknown types fail with the list."""
+  result = []
+  for name, spec in (config.get("evals") or {}).items():
+    spec = dict(spec)
+    kind = spec.get("type")
+    if kind not in TYPES:
+      raise ConfigError(f"evals.{name}: unknown type {kind!r}; known: {', '.join(TYPES)}")
+    every = 0  # Only at the end.
+    if spec.get("every_steps"):
+      every = int(spec["every_steps"])
+    elif spec.get("every_epochs"):
+      every = max(1, int(math.ceil(spec["every_epochs"] * num_train / batch_size)))
+    module = importlib.import_module(f"big_vision.evaluators.{kind}")
+    options = {k: v for k, v in spec.items() if k not in _FRAMEWORK_KEYS}
+    result.append(Scheduled(name, module.Evaluator(context, **options), every,
+                            spec.get("use_ema", True)))
+  return result
+
+
+def run_due(scheduled, step, total_steps, state, writer, log, force=False):
+  """Runs the evaluators due at `step` (all of them at the end or when forced).
+
+  Writes each evaluator's results with `writer` and returns them all as one dict.
+  """
+  everything = {}
+  for s in scheduled:
+    due = force or step == total_steps or (s.every and step % s.every == 0)
+    if not due:
+      continue
+    params = state["ema_params"] if s.use_ema and "ema_params" in state else state["params"]
+    start = time.time()
+    results = {f"{s.name}/{k}": v for k, v in s.evaluator.run(params, step)}
+    results[f"{s.name}/seconds"] = time.time() - start
+    writer.write(step, results)
+    everything.update(results)
+    log(f"eval {s.name} at step {step}: " + ", ".join(
+        f"{k.split('/', 1)[1]} {v:.4g}" for k, v in results.items()
+        if isinstance(v, float)))
+  return everything
+
+
+def eval_input_config(context, data=None, pp=None, batch_size=None, split=None):
+  """The eval data config: the training dataset's eval split unless given."""
+  cfg = context.config
+  data = dict(data or {})
+  if not data.get("name"):
+    data["name"] = cfg.input.data.name
+    data.setdefault("data_dir", cfg.input.data.get("data_dir"))
+  data["split"] = split or data.get("split") or cfg.get("eval_split", "test")
+  return dict(data=data, pp=pp or cfg.get("pp_eval") or cfg.input.pp,
+              batch_size=batch_size or min(cfg.input.batch_size, 256))
+
+
+def iterate(context, input_config, max_examples=None):
+  """Yields global eval batches (padded, with input_pipeline.MASK_KEY) until done."""
+  ds, _ = input_pipeline.evaluation(ml_collections.ConfigDict(input_config))
+  seen = 0
+  for batch in input_pipeline.start_global(ds, context.data_sharding, n_prefetch=0):
+    yield batch
+    seen += int(np.asarray(jax.device_get(batch[input_pipeline.MASK_KEY])).sum())
+    if max_examples and seen >= max_examples:
+      return
+
+
+def gather(x):
+  """A global array -> numpy on every host (all processes' rows)."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def collect(context, input_config, fn, max_examples=None):
+  """Runs fn(batch) -> dict of [B, ...] arrays over eval data; returns numpy, unpadded."""
+  parts = {}
+  for batch in iterate(context, input_config, max_examples):
+    out = fn(batch)
+    valid = gather(batch[input_pipeline.MASK_KEY]).astype(bool)
+    for k, v in out.items():
+      parts.setdefault(k, []).append(gather(v)[valid])
+  result = {k: np.concatenate(v) for k, v in parts.items()}
+  if max_examples:
+    result = {k: v[:max_examples] for k, v in result.items()}
+  return result

@@ -1,0 +1,69 @@
+"""Few-shot linear probe of the encoder's representation (or of raw pixels).
+
+features:
+  "representation": mean cls token of clean, unmasked images (model.representation);
+  "noised": the same for images noised to step `t` (for models that never saw clean
+            inputs, e.g. DiT);
+  "pixels": the flattened input pixels, the baseline a representation must beat.
+The ridge strength is chosen on a held-out part of the train pool; accuracy is measured
+on the test split; mean and spread over `seeds` draws of the shots.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_vision.evaluators import common
+from big_vision.evaluators import linear_probe
+
+FEATURES = ("representation", "noised", "pixels")
+
+
+class Evaluator:
+  """Yields {k}shot (mean accuracy) and {k}shot_std for every shot count k."""
+
+  def __init__(self, context, features="representation", t=100, train_split="train[:10000]",
+               test_split="test", shots=(1, 5, 10, 25, 100), seeds=3, holdout_per_class=20,
+               data=None, pp=None, batch_size=None):
+    if features not in FEATURES:
+      raise ValueError(f"fewshot: unknown features {features!r}; known: {', '.join(FEATURES)}")
+    self.context, self.features, self.t = context, features, int(t)
+    self.shots, self.seeds, self.holdout = tuple(shots), int(seeds), int(holdout_per_class)
+    self.train_cfg = common.eval_input_config(context, data, pp, batch_size, train_split)
+    self.test_cfg = common.eval_input_config(context, data, pp, batch_size, test_split)
+    self._cache = None  # Pixel features do not change during training.
+    model, diffusion = context.model, context.diffusion
+
+    def featurize(params, images, key):
+      if features == "pixels":
+        return images.reshape(images.shape[0], -1)
+      t = jnp.zeros((images.shape[0],), jnp.int32)
+      if features == "noised":
+        t = jnp.full((images.shape[0],), self.t, jnp.int32)
+        images = diffusion.q_sample(images, t, jax.random.normal(key, images.shape))
+        t = t + 1  # The network keeps 0 for clean inputs.
+      return model.apply({"params": params}, images, t, method=model.representation)
+    self._featurize = jax.jit(featurize)
+
+  def _features(self, params, input_cfg):
+    counter = iter(range(1 << 30))
+
+    def fn(batch):
+      key = jax.random.fold_in(jax.random.PRNGKey(0), next(counter))
+      return {"x": self._featurize(params, batch["image"], key), "y": batch["label"]}
+    out = common.collect(self.context, input_cfg, fn)
+    return out["x"], out["y"]
+
+  def run(self, params, step):
+    del step
+    if self._cache is not None:
+      data = self._cache
+    else:
+      data = self._features(params, self.train_cfg) + self._features(params, self.test_cfg)
+      if self.features == "pixels":
+        self._cache = data
+    train_x, train_y, test_x, test_y = data
+    results = linear_probe.few_shot(train_x, train_y, test_x, test_y, shots=self.shots,
+                                    seeds=self.seeds, holdout_per_class=self.holdout)
+    for k, (mean, std, _, _) in results.items():
+      yield f"{k}shot", mean
+      yield f"{k}shot_std", std

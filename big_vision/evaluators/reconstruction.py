@@ -1,0 +1,62 @@
+"""Masked reconstruction of clean validation images: MSE and PSNR on masked pixels, and a
+PNG grid (original, masked input, reconstruction).
+
+PSNR is computed on images in [-1, 1] (peak-to-peak 2): 10 log10(4 / MSE).
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+
+from big_vision import input_pipeline
+from big_vision import reconstruct
+from big_vision import visualize
+from big_vision.evaluators import common
+
+
+class Evaluator:
+  """Yields masked_mse, masked_psnr (and writes images/{name}_{step}.png)."""
+
+  def __init__(self, context, mask_ratio=None, data=None, pp=None, batch_size=None,
+               split=None, max_examples=2000, num_images=8, name="val_reconstruction"):
+    cfg = context.config
+    if mask_ratio is None:  # The masking the model was trained to fill in.
+      mask_ratio = cfg.mask_ratio_no_noise if cfg.no_noise_prob > 0 else cfg.mask_ratio
+    if not mask_ratio:
+      raise ValueError("reconstruction needs mask_ratio > 0 (the config masks nothing)")
+    self.context, self.mask_ratio, self.name = context, float(mask_ratio), name
+    self.input_cfg = common.eval_input_config(context, data, pp, batch_size, split)
+    self.max_examples, self.num_images = max_examples, num_images
+    model = context.model
+
+    def apply(params, images, t, labels, *, mask_ratio, train=False, rngs=None):
+      return model.apply({"params": params}, images, t, labels, mask_ratio=mask_ratio,
+                         train=train, rngs=rngs)
+
+    def recon(params, images, valid, key):
+      r = reconstruct.reconstruct(apply, params, images, key, mask_ratio=self.mask_ratio,
+                                  grid=model.grid, patch_size=model.patch_size)
+      err = jnp.sum(jnp.square(r["prediction"] - images) * r["mask"], axis=(1, 2, 3))
+      per_image = err / (jnp.sum(r["mask"], axis=(1, 2, 3)) * images.shape[-1])
+      return r, jnp.sum(per_image * valid), jnp.sum(
+          10.0 * jnp.log10(4.0 / jnp.maximum(per_image, 1e-10)) * valid)
+    self._recon = jax.jit(recon)
+
+  def run(self, params, step):
+    mse = psnr = count = 0.0
+    first = None
+    for i, batch in enumerate(common.iterate(self.context, self.input_cfg, self.max_examples)):
+      valid = batch[input_pipeline.MASK_KEY].astype(jnp.float32)
+      r, m, p = self._recon(params, batch["image"], valid, jax.random.PRNGKey(i))
+      mse, psnr = mse + float(m), psnr + float(p)
+      count += float(common.gather(valid).sum())
+      if first is None:
+        n = self.num_images
+        first = [common.gather(x)[:n] for x in (batch["image"], r["input"],
+                                                 r["reconstruction"])]
+    if self.context.is_main and first is not None:
+      visualize.image_grid(
+          first, os.path.join(self.context.workdir, "images", f"{self.name}_{step:07d}.png"),
+          row_names=["original", f"input, {self.mask_ratio:.0%} masked", "reconstruction"])
+    yield "masked_mse", mse / count
+    yield "masked_psnr", psnr / count
