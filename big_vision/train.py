@@ -34,8 +34,6 @@ from big_vision.evaluators import common as eval_common
 from big_vision.config_parsing import ConfigError
 from big_vision.models import ae
 
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and pictures go.")
-
 
 def check_trainable(config):
   """Checks beyond the model that only the trainer cares about; before any work."""
@@ -254,6 +252,8 @@ def main(argv, config):
 
 
 def run():
+  # Flags are defined here, not at import, so tools can import this module.
+  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and pictures go.")
   # The config is loaded and checked before absl, jax compilation or data: a bad value
   # costs one line and no time.
   config, rest = config_cli.load_or_exit(sys.argv[1:], check=check_trainable)

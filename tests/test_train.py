@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -26,12 +27,14 @@ def data_dir(tmp_path_factory):
   return path
 
 
-def fmnist_config(data_dir, arg, **overrides):
+def fmnist_config(data_dir, arg, overrides_with_evals=(), **overrides):
   config, _ = config_cli.load_from_argv(
       [f"--config=configs/ae_fmnist.py:variant=Mu/4,batch_size=32,wandb_mode=disabled,{arg}"]
       + [f"--config.{k}={v}" for k, v in overrides.items()])
   config.input.data.data_dir = data_dir
   config.input.shuffle_buffer_size = 2000
+  if "evals" not in overrides_with_evals:
+    config.evals = ml_collections.ConfigDict()  # Evaluators have their own tests.
   train.check_trainable(config)
   return config
 

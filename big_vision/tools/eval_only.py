@@ -23,10 +23,6 @@ from big_vision import sharding
 from big_vision.evaluators import common as eval_common
 from big_vision.models import ae
 
-flags.DEFINE_string("workdir", None, "The run's workdir; results go to its metrics.jsonl.")
-flags.DEFINE_string("checkpoint", None, "A checkpoint (workdir, checkpoints/ or a step "
-                    "folder); default: the latest in --workdir.")
-
 
 def evaluate(config, workdir, checkpoint=None):
   """Runs every eval of config.evals on the checkpoint. Returns {name: value}."""
@@ -63,6 +59,9 @@ def main(argv, config):
 
 
 def run():
+  flags.DEFINE_string("workdir", None, "The run's workdir; results go to its metrics.jsonl.")
+  flags.DEFINE_string("checkpoint", None, "A checkpoint (workdir, checkpoints/ or a step "
+                      "folder); default: the latest in --workdir.")
   config, rest = config_cli.load_or_exit(sys.argv[1:], check=methods.check_config)
   app.run(functools.partial(main, config=config), argv=[sys.argv[0]] + rest)
 
