@@ -8,6 +8,11 @@ Each batch is split (statically, so shapes are known to jit):
     pixels and the x0 error on masked pixels.
 The total is the two branch losses weighted by their share of the batch. A branch with
 no masked pixels scores what it can: x0 on all pixels (clean) or eps on all pixels (noised).
+
+Every random draw of an example (mask, t, noise, label dropout) comes from that example's
+own key, so the loss of a batch does not depend on how it is sharded or split into
+micro-batches. Since every image of a branch has the same number of masked pixels, the
+total is also the mean over examples of per-example losses.
 """
 import jax
 import jax.numpy as jnp
@@ -44,32 +49,47 @@ def noised_branch_loss(out, images, noise, grid, patch_size, any_masked=True):
                 + _masked_mse(out["x0"], images, masked))
 
 
-def umd_loss(apply_fn, params, images, labels, rng, diffusion, *, no_noise_prob, mask_ratio,
-             mask_ratio_no_noise, grid, patch_size, train=True):
+def drop_labels(labels, keys, rate, null_label):
+  """Classifier-free guidance training: each label becomes the null class with `rate`."""
+  if labels is None or not rate:
+    return labels
+  drop = jax.vmap(lambda k: jax.random.bernoulli(k, rate))(keys)
+  return jnp.where(drop, null_label, labels)
+
+
+def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_noise_prob,
+             mask_ratio, mask_ratio_no_noise, grid, patch_size, mask_block_size=None,
+             label_dropout=0.0, null_label=None):
   """Returns (loss, metrics) for one batch.
 
   Args:
-    apply_fn: (params, images, t, labels, mask_ratio=, train=, rngs=) -> model outputs.
+    apply_fn: (params, images, t, labels, masking=) -> model outputs (x0, eps, mask).
     params: the model parameters.
     images: [B, H, W, C] in [-1, 1].
     labels: [B] int labels or None.
-    rng: PRNG key for masks, noise, time steps and label dropout.
+    example_keys: [B] PRNG keys, one per example (masks, t, noise, label dropout).
     diffusion: a GaussianDiffusion (num_timesteps, q_sample).
     no_noise_prob, mask_ratio, mask_ratio_no_noise: the objective's knobs.
-    grid, patch_size: the model's patch grid, to turn token masks into pixel masks.
-    train: passes train=True to the model (label dropout).
+    grid, patch_size: the model's patch grid, to make masks and pixel masks.
+    mask_block_size: block-wise masking (MaskDM) when set, else random masking.
+    label_dropout, null_label: classifier-free guidance training.
   """
   b = images.shape[0]
   n_clean, n_noised = split_sizes(b, no_noise_prob)
-  rng_clean, rng_noised, rng_t, rng_eps = jax.random.split(rng, 4)
-  take = lambda x, s: None if x is None else x[s]
+  keys = jax.vmap(lambda k: jax.random.split(k, 4))(example_keys)  # [B, 4]
+  key_mask, key_t, key_eps, key_drop = (keys[:, i] for i in range(4))
+  labels = drop_labels(labels, key_drop, label_dropout, null_label)
+  num_tokens = grid[0] * grid[1]
+  masks = lambda sl, ratio: masking_lib.per_example(key_mask[sl], num_tokens, ratio, grid,
+                                                    mask_block_size)
+  take = lambda x, sl: None if x is None else x[sl]
   metrics, loss = {}, 0.0
 
   if n_clean:
     sl = slice(0, n_clean)
     x0 = images[sl]
     out = apply_fn(params, x0, jnp.zeros((n_clean,), jnp.int32), take(labels, sl),
-                   mask_ratio=mask_ratio_no_noise, train=train, rngs=_rngs(rng_clean))
+                   masking=masks(sl, mask_ratio_no_noise))
     clean = clean_branch_loss(out, x0, grid, patch_size, any_masked=mask_ratio_no_noise > 0)
     metrics["loss_clean"] = clean
     loss = loss + clean * (n_clean / b)
@@ -77,19 +97,13 @@ def umd_loss(apply_fn, params, images, labels, rng, diffusion, *, no_noise_prob,
   if n_noised:
     sl = slice(n_clean, b)
     x0 = images[sl]
-    t = jax.random.randint(rng_t, (n_noised,), 0, diffusion.num_timesteps)
-    noise = jax.random.normal(rng_eps, x0.shape, x0.dtype)
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, diffusion.num_timesteps))(key_t[sl])
+    noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(key_eps[sl])
     x_t = diffusion.q_sample(x0, t, noise)
-    out = apply_fn(params, x_t, t + 1, take(labels, sl), mask_ratio=mask_ratio,
-                   train=train, rngs=_rngs(rng_noised))
+    out = apply_fn(params, x_t, t + 1, take(labels, sl), masking=masks(sl, mask_ratio))
     noised = noised_branch_loss(out, x0, noise, grid, patch_size, any_masked=mask_ratio > 0)
     metrics["loss_noised"] = noised
     loss = loss + noised * (n_noised / b)
 
   metrics["loss"] = loss
   return loss, metrics
-
-
-def _rngs(rng):
-  mask_rng, dropout_rng = jax.random.split(rng)
-  return {"mask": mask_rng, "dropout": dropout_rng}

@@ -51,9 +51,10 @@ def save_config(config, workdir):
 
 
 def make_apply(model):
-  def apply(params, images, t, labels, *, mask_ratio, train=False, rngs=None):
+  def apply(params, images, t, labels, *, mask_ratio=0.0, masking=None, train=False,
+            rngs=None):
     return model.apply({"params": params}, images, t, labels, mask_ratio=mask_ratio,
-                       train=train, rngs=rngs)
+                       masking=masking, train=train, rngs=rngs)
   return apply
 
 
@@ -134,16 +135,42 @@ def train(config, workdir):
   loss_fn = functools.partial(
       objective.umd_loss, apply, diffusion=diffusion, no_noise_prob=config.no_noise_prob,
       mask_ratio=config.mask_ratio, mask_ratio_no_noise=config.mask_ratio_no_noise,
-      grid=model.grid, patch_size=model.patch_size)
+      grid=model.grid, patch_size=model.patch_size,
+      mask_block_size=model.mask_block_size if model.masking == "block" else None,
+      label_dropout=config.get("label_dropout", 0.1) if labels_on else 0.0,
+      null_label=model.num_classes)
+  accum = config.get("grad_accum_steps", 1)
+  if batch_size % (accum * mesh.devices.size):
+    raise ConfigError(f"batch_size={batch_size} is not divisible by grad_accum_steps={accum}"
+                      f" x {mesh.devices.size} devices")
+
+  def gradients(params, images, labels, keys):
+    """Loss gradients, summed over `accum` micro-batches so a large batch fits."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum == 1:
+      (_, metrics), grads = grad_fn(params, images, labels, keys)
+      return grads, metrics
+    # Micro-batch i takes every accum-th example, so each device keeps its share.
+    micro = lambda x: None if x is None else jnp.swapaxes(
+        x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+
+    micro_batches = tuple(micro(x) for x in (images, labels, keys))
+    first = jax.tree_util.tree_map(lambda x: x[0], micro_batches)
+    (_, metrics_shape), grads_shape = jax.eval_shape(grad_fn, params, *first)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                   (grads_shape, metrics_shape))
+
+    def body(carry, inputs):
+      (_, metrics), grads = grad_fn(params, *inputs)
+      return jax.tree_util.tree_map(jnp.add, carry, (grads, metrics)), None
+    (grads, metrics), _ = jax.lax.scan(body, zeros, micro_batches)
+    return jax.tree_util.tree_map(lambda x: x / accum, (grads, metrics))
 
   def update(state, batch):
-    step_rng = jax.random.fold_in(rng, state["step"])
+    # One key per example: the loss does not depend on sharding or micro-batching.
+    keys = jax.random.split(jax.random.fold_in(rng, state["step"]), batch_size)
     labels = batch["label"] if labels_on else None
-
-    def loss_of(params):
-      return loss_fn(params, batch["image"], labels, step_rng)
-
-    (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    grads, metrics = gradients(state["params"], batch["image"], labels, keys)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = dict(params=params, opt_state=opt_state, step=state["step"] + 1)
@@ -189,7 +216,7 @@ def train(config, workdir):
   # Evaluators (config.evals), run at their intervals and at the end.
   evals = eval_common.build(config, eval_common.Context(
       model=model, diffusion=diffusion, config=config, workdir=workdir, mesh=mesh,
-      data_sharding=data_sharding), num_train, batch_size)
+      data_sharding=data_sharding), num_train, batch_size, log=log)
 
   # The loop. The data iterator skips the batches earlier runs consumed.
   writer = metric_writer.MetricWriter(workdir, config, is_main=is_main)
@@ -248,6 +275,9 @@ def main(argv, config):
     train(config, workdir)
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except FileNotFoundError as e:  # Missing dataset, weights or init_from checkpoint.
+    print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -30,6 +30,8 @@ COMMON_OPTIONS = dict(
     beta2=0.95,
     grad_clip=1.0,
     ema=0.0,           # EMA decay of parameters; 0 disables EMA.
+    grad_accum=1,      # Micro-batches per step, so that a large batch fits in memory.
+    label_dropout=0.1, # Share of labels replaced by the null class (for CFG).
     schedule="cosine",
     timesteps=1000,
     sampling_timesteps=125,
@@ -96,6 +98,8 @@ def schedule_and_optimizer(config, arg):
   config.optax = dict(b1=0.9, b2=arg.beta2)
   config.grad_clip_norm = arg.grad_clip
   config.ema_decay = arg.ema
+  config.grad_accum_steps = arg.grad_accum
+  config.label_dropout = arg.label_dropout
   config.param_sharding = "fully_sharded" if arg.fsdp else "replicated"
   config.init_from = arg.init_from
   config.seed = arg.seed

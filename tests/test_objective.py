@@ -23,15 +23,13 @@ def make_fake_apply(calls, x0_err=1.0, eps_err=2.0):
   It recovers the truth from its input: clean inputs are x0 itself; noised inputs carry
   the noise that FakeDiffusion added, which the test passes through `truth`.
   """
-  def apply(params, images, t, labels, *, mask_ratio, train, rngs):
-    del params, labels, train
+  def apply(params, images, t, labels, *, masking):
+    del params, labels
     b = images.shape[0]
-    calls.append(dict(t=np.asarray(t), mask_ratio=mask_ratio, batch=b))
-    m = masking.random_masking(rngs["mask"], b, 16, mask_ratio) if mask_ratio else \
-        masking.no_masking(b, 16)
+    calls.append(dict(t=np.asarray(t), masked=np.asarray(masking.mask).sum(1), batch=b))
     truth_x0, truth_eps = calls_truth["x0"], calls_truth["eps"]
     sl = slice(0, b) if calls[-1]["t"].max() == 0 else slice(-b, None)
-    return dict(x0=truth_x0[sl] + x0_err, eps=truth_eps[sl] + eps_err, mask=m.mask)
+    return dict(x0=truth_x0[sl] + x0_err, eps=truth_eps[sl] + eps_err, mask=masking.mask)
   return apply
 
 
@@ -40,15 +38,15 @@ calls_truth = {}
 
 def run(no_noise_prob, mask_ratio, mask_ratio_no_noise, b=8):
   images = jax.random.uniform(jax.random.PRNGKey(0), (b, 8, 8, 1), minval=-1, maxval=1)
-  rng = jax.random.PRNGKey(1)
+  keys = jax.random.split(jax.random.PRNGKey(1), b)
   n_clean, n_noised = objective.split_sizes(b, no_noise_prob)
-  # Recreate the noise the objective draws, to give the fake model its targets.
-  _, _, _, rng_eps = jax.random.split(rng, 4)
-  noise = jax.random.normal(rng_eps, (n_noised, 8, 8, 1))
+  # Recreate the noise the objective draws per example, to give the fake model targets.
+  noise = jnp.stack([jax.random.normal(jax.random.split(k, 4)[2], (8, 8, 1))
+                     for k in keys[n_clean:]]) if n_noised else jnp.zeros((0, 8, 8, 1))
   calls_truth.update(x0=images, eps=jnp.concatenate([jnp.zeros((n_clean, 8, 8, 1)), noise]))
   calls = []
   loss, metrics = objective.umd_loss(
-      make_fake_apply(calls), None, images, None, rng, FakeDiffusion(),
+      make_fake_apply(calls), None, images, None, keys, FakeDiffusion(),
       no_noise_prob=no_noise_prob, mask_ratio=mask_ratio,
       mask_ratio_no_noise=mask_ratio_no_noise, grid=(4, 4), patch_size=2)
   return float(loss), {k: float(v) for k, v in metrics.items()}, calls
@@ -68,7 +66,8 @@ def test_umd_split_losses_and_weights():
   assert metrics["loss_noised"] == pytest.approx(2.5)
   assert loss == pytest.approx(0.25 * 1.0 + 0.75 * 2.5)
   assert [c["batch"] for c in calls] == [2, 6]
-  assert [c["mask_ratio"] for c in calls] == [0.75, 0.5]
+  np.testing.assert_array_equal(calls[0]["masked"], 12)  # 75% of 16 patches.
+  np.testing.assert_array_equal(calls[1]["masked"], 8)
   np.testing.assert_array_equal(calls[0]["t"], 0)  # Clean images are fed t = 0 ...
   assert calls[1]["t"].min() >= 1 and calls[1]["t"].max() <= 100  # ... noised t + 1.
 
@@ -76,13 +75,13 @@ def test_umd_split_losses_and_weights():
 def test_dit_preset_is_eps_loss_on_all_pixels():
   loss, metrics, calls = run(no_noise_prob=0.0, mask_ratio=0.0, mask_ratio_no_noise=0.75)
   assert loss == pytest.approx(4.0) and "loss_clean" not in metrics
-  assert len(calls) == 1 and calls[0]["mask_ratio"] == 0.0
+  assert len(calls) == 1 and calls[0]["masked"].max() == 0
 
 
 def test_mae_preset_is_clean_masked_x0_loss():
   loss, metrics, calls = run(no_noise_prob=1.0, mask_ratio=0.375, mask_ratio_no_noise=0.75)
   assert loss == pytest.approx(1.0) and "loss_noised" not in metrics
-  assert len(calls) == 1 and calls[0]["mask_ratio"] == 0.75
+  assert len(calls) == 1 and calls[0]["masked"].min() == 12
 
 
 def test_masked_mse_ignores_visible_pixels():
@@ -91,3 +90,31 @@ def test_masked_mse_ignores_visible_pixels():
   assert float(objective.clean_branch_loss(out, target, (2, 2), 2)) == 0.0
   target = jnp.zeros((1, 4, 4, 1)).at[0, :2, :2].set(3.0)  # Error in the masked patch.
   assert float(objective.clean_branch_loss(out, target, (2, 2), 2)) == pytest.approx(9.0)
+
+
+def test_per_example_randomness_does_not_depend_on_batch_split():
+  """The loss of a batch is the mean of the losses of its halves (same keys)."""
+  from big_vision import diffusion as diffusion_lib
+  from big_vision.models import ae
+  model = ae.build_model(dict(variant="Mu/2", image_size=8, channels=1, num_classes=3))
+  images = jax.random.uniform(jax.random.PRNGKey(0), (8, 8, 8, 1), minval=-1, maxval=1)
+  labels = jnp.arange(8) % 3
+  params = model.init({"params": jax.random.PRNGKey(1)}, images, jnp.zeros(8, jnp.int32),
+                      labels)["params"]
+  params = jax.tree_util.tree_map(lambda p: p + 0.1, params)
+  keys = jax.random.split(jax.random.PRNGKey(2), 8)
+  apply = lambda p, x, t, y, masking: model.apply({"params": p}, x, t, y, masking=masking)
+  kw = dict(diffusion=diffusion_lib.GaussianDiffusion.create("cosine", 100), no_noise_prob=0.0,
+            mask_ratio=0.5, mask_ratio_no_noise=0.75, grid=model.grid, patch_size=2,
+            label_dropout=0.5, null_label=3)
+  full, _ = objective.umd_loss(apply, params, images, labels, keys, **kw)
+  halves = [objective.umd_loss(apply, params, images[s], labels[s], keys[s], **kw)[0]
+            for s in (slice(0, 4), slice(4, 8))]
+  assert float(full) == pytest.approx(float(sum(halves) / 2), rel=1e-5)
+
+
+def test_label_dropout_rate():
+  keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+  dropped = objective.drop_labels(jnp.zeros(4000, jnp.int32), keys, 0.1, 10)
+  assert abs(float((dropped == 10).mean()) - 0.1) < 0.02
+  assert objective.drop_labels(None, keys, 0.1, 10) is None

@@ -51,8 +51,12 @@ class Scheduled:
   use_ema: bool
 
 
-def build(config, context, num_train, batch_size):
-  """[Scheduled] for every entry of config.evals; unknown types fail with the list."""
+def build(config, context, num_train, batch_size, log=print):
+  """[Scheduled] for every entry of config.evals; unknown types fail with the list.
+
+  An evaluator that cannot run here (a missing weights file or dataset) is left out with
+  one line saying why, so that the training itself still runs.
+  """
   result = []
   for name, spec in (config.get("evals") or {}).items():
     spec = dict(spec)
@@ -66,8 +70,12 @@ def build(config, context, num_train, batch_size):
       every = max(1, int(math.ceil(spec["every_epochs"] * num_train / batch_size)))
     module = importlib.import_module(f"big_vision.evaluators.{kind}")
     options = {k: v for k, v in spec.items() if k not in _FRAMEWORK_KEYS}
-    result.append(Scheduled(name, module.Evaluator(context, **options), every,
-                            spec.get("use_ema", True)))
+    try:
+      evaluator = module.Evaluator(context, **options)
+    except FileNotFoundError as e:
+      log(f"eval {name} skipped: {e}")
+      continue
+    result.append(Scheduled(name, evaluator, every, spec.get("use_ema", True)))
   return result
 
 
@@ -101,6 +109,7 @@ def eval_input_config(context, data=None, pp=None, batch_size=None, split=None):
     data["name"] = cfg.input.data.name
     data.setdefault("data_dir", cfg.input.data.get("data_dir"))
   data["split"] = split or data.get("split") or cfg.get("eval_split", "test")
+  input_pipeline.get_dataset_builder(data["name"], data.get("data_dir"))  # Exists?
   return dict(data=data, pp=pp or cfg.get("pp_eval") or cfg.input.pp,
               batch_size=batch_size or min(cfg.input.batch_size, 256))
 

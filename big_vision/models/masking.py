@@ -67,6 +67,18 @@ def block_masking(rng, batch_size, grid_hw, mask_ratio, block_size):
   return Masking(order[:, :keep], mask, jnp.argsort(order, axis=1).astype(jnp.int32))
 
 
+def per_example(keys, num_tokens, mask_ratio, grid_hw=None, block_size=None):
+  """One mask per example key [B]: the batch's masks do not depend on how it is split.
+
+  Block masking when block_size is given (needs grid_hw), else random masking.
+  """
+  if block_size:
+    one = lambda k: block_masking(k, 1, grid_hw, mask_ratio, block_size)
+  else:
+    one = lambda k: random_masking(k, 1, num_tokens, mask_ratio)
+  return Masking(*(x[:, 0] for x in jax.vmap(one)(keys)))
+
+
 def no_masking(batch_size, num_tokens):
   ids = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch_size, num_tokens))
   return Masking(ids, jnp.zeros((batch_size, num_tokens), jnp.float32), ids)

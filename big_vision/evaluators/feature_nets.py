@@ -1,0 +1,44 @@
+"""Feature networks for FID / IS: what each is called and how it is loaded.
+
+  inception:          the standard Inception-v3 FID network (pool features, 1008 logits),
+                      from a local weights file (see big_vision/models/inception.py).
+  fmnist_classifier:  our own Fashion-MNIST CNN (big_vision/models/fmnist_classifier.py).
+Metrics computed with anything but Inception carry the network's name ("fid_fmnist_classifier"),
+so they are never mistaken for the standard FID.
+"""
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+KINDS = ("inception", "fmnist_classifier")
+
+
+@dataclasses.dataclass
+class FeatureNet:
+  name: str          # Used in metric names and cache keys.
+  weights: str
+  fn: Callable       # images [B, H, W, C] in [-1, 1] -> (features [B, D], probs [B, K]).
+
+  @property
+  def metric_suffix(self):
+    return "" if self.name == "inception" else f"_{self.name}"
+
+  def __call__(self, images, batch_size=250):
+    feats, probs = [], []
+    for i in range(0, len(images), batch_size):
+      f, p = self.fn(images[i:i + batch_size])
+      feats.append(np.asarray(f, np.float64))
+      probs.append(np.asarray(p, np.float64))
+    return np.concatenate(feats), np.concatenate(probs)
+
+
+def load(kind, weights):
+  """FeatureNet for `kind`; a missing weights file raises FileNotFoundError saying why."""
+  if kind == "fmnist_classifier":
+    from big_vision.models import fmnist_classifier  # pylint: disable=g-import-not-at-top
+    return FeatureNet(kind, weights, fmnist_classifier.feature_fn(weights))
+  if kind == "inception":
+    from big_vision.models import inception  # pylint: disable=g-import-not-at-top
+    return FeatureNet(kind, weights, inception.feature_fn(weights))
+  raise ValueError(f"unknown feature network {kind!r}; known: {', '.join(KINDS)}")

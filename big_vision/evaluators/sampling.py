@@ -1,0 +1,110 @@
+"""Samples from the model: PNG grids, and FID / Inception Score against real data.
+
+Unconditional samples for every model; for class-conditional models, samples with
+classifier-free guidance at each of `guidance_scales` (1 = plain conditional). DDIM (eta)
+or DDPM with `sampling_timesteps` respaced steps, each batch one compiled program.
+FID/IS use a feature network (feature_nets.py); the reference statistics of the real
+split are cached on disk, keyed by dataset, split, resolution and network. The
+real-vs-real floor (`floor_split` images against the reference) is logged beside them:
+a model cannot be expected to beat it with this many samples.
+"""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from big_vision import diffusion as diffusion_lib
+from big_vision import visualize
+from big_vision.evaluators import common
+from big_vision.evaluators import fid_scorer
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+def model_eps_fn(model, params):
+  """The sampler's model_fn: eps at the ORIGINAL step t; the network is fed t + 1."""
+  def fn(x, t, labels):
+    return model.apply({"params": params}, x, t + 1, labels, mask_ratio=0.0)["eps"]
+  return fn
+
+
+class Evaluator:
+  """Yields fid{_net}, is{_net}, is{_net}_std (prefixed cfg{scale}/ when conditional)."""
+
+  def __init__(self, context, num_samples=512, batch_size=128, sampler="ddim",
+               sampling_timesteps=None, eta=0.0, guidance_scales=(1.0,), feature_net=None,
+               reference_split="test", floor_split="train", max_reference=10_000,
+               cache_dir=None, data=None, pp=None, num_grid=64, seed=0):
+    if sampler not in SAMPLERS:
+      raise ValueError(f"sampling: unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+    cfg = context.config
+    self.context, self.sampler, self.eta = context, sampler, float(eta)
+    self.num_samples, self.batch_size, self.num_grid, self.seed = (
+        int(num_samples), int(batch_size), int(num_grid), int(seed))
+    self.sampling_timesteps = int(sampling_timesteps or cfg.diffusion.sampling_timesteps)
+    self.clip_x0 = bool(cfg.diffusion.get("clip_x0", True))
+    self.num_classes = int(cfg.model.get("num_classes") or 0)
+    self.guidance_scales = tuple(guidance_scales) if self.num_classes else ()
+    self.scorer = None
+    if feature_net:
+      self.scorer = fid_scorer.Scorer(
+          context, feature_net, common.eval_input_config(context, data, pp, 500,
+                                                         reference_split),
+          max_reference, cache_dir)
+    self.floor_cfg = common.eval_input_config(context, data, pp, 500,
+                                              f"{floor_split}[:{self.num_samples}]")
+    self._floor = None
+    model, diffusion = context.model, context.diffusion
+    h, w = model.image_size
+    shape = (self.batch_size, h, w, model.channels)
+    sample = {"ddim": functools.partial(diffusion_lib.ddim_sample, eta=self.eta),
+              "ddpm": diffusion_lib.ddpm_sample}[sampler]
+
+    def generate(params, rng, labels, scale):
+      return sample(model_eps_fn(model, params), diffusion, shape, rng,
+                    sampling_timesteps=self.sampling_timesteps, clip_x0=self.clip_x0,
+                    labels=labels, guidance_scale=scale,
+                    null_label=self.num_classes if self.num_classes else None)
+    self._generate = jax.jit(generate, static_argnames=("scale",))
+
+  def samples(self, params, scale=None, conditional=False):
+    """num_samples images in [-1, 1]; labels cycle through the classes when conditional."""
+    out = []
+    for i in range(-(-self.num_samples // self.batch_size)):
+      rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), i)
+      labels = None
+      if self.num_classes:
+        ids = np.arange(i * self.batch_size, (i + 1) * self.batch_size)
+        labels = jnp.asarray(ids % self.num_classes if conditional
+                             else np.full_like(ids, self.num_classes), jnp.int32)
+      out.append(np.asarray(jax.device_get(self._generate(params, rng, labels,
+                                                          scale if conditional else None))))
+    return np.clip(np.concatenate(out)[:self.num_samples], -1.0, 1.0)
+
+  def _grid(self, images, step, tag):
+    if not self.context.is_main:
+      return
+    n = min(self.num_grid, len(images))
+    per_row = int(np.ceil(np.sqrt(n)))
+    rows = [images[i:i + per_row] for i in range(0, n, per_row)]
+    visualize.image_grid(rows, os.path.join(self.context.workdir, "images",
+                                            f"samples_{tag}_{step:07d}.png"))
+
+  def run(self, params, step):
+    runs = [("uncond", None, False)]
+    runs += [(f"cfg{s:g}", float(s), True) for s in self.guidance_scales]
+    for tag, scale, conditional in runs:
+      images = self.samples(params, scale, conditional)
+      self._grid(images, step, tag)
+      if self.scorer is not None:
+        prefix = "" if tag == "uncond" else f"{tag}/"
+        for k, v in self.scorer.scores(images).items():
+          yield prefix + k, v
+    if self.scorer is not None:  # The floor: as many real images, scored the same way.
+      if self._floor is None:
+        self._floor = self.scorer.scores(self.scorer.real_images(self.floor_cfg,
+                                                                 self.num_samples))
+      for k, v in self._floor.items():
+        yield f"{k}_real_floor", v

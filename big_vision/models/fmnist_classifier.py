@@ -1,0 +1,73 @@
+"""A small CNN classifier of Fashion-MNIST, used as the domain feature network for
+FID/IS-style metrics where Inception (an ImageNet network) would be meaningless and its
+weights are unavailable. Metrics computed with it are named after it, never plain "FID".
+
+Weights live in a .npz of flattened parameter paths (no pickle), with a .json beside it
+recording how it was trained and its test accuracy.
+"""
+import json
+import os
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NAME = "fmnist_classifier"
+
+
+class Classifier(nn.Module):
+  """conv16-conv16-pool-conv32-conv32-pool-dense128 -> 10 logits."""
+  num_classes: int = 10
+  feature_dim: int = 128
+
+  @nn.compact
+  def __call__(self, images):
+    """images [B, 28, 28, 1] in [-1, 1] -> (features [B, 128], logits [B, 10])."""
+    x = images
+    for width in (16, 32):
+      x = nn.relu(nn.Conv(width, (3, 3))(x))
+      x = nn.relu(nn.Conv(width, (3, 3))(x))
+      x = nn.max_pool(x, (2, 2), (2, 2))
+    x = x.reshape(x.shape[0], -1)
+    features = nn.relu(nn.Dense(self.feature_dim)(x))
+    return features, nn.Dense(self.num_classes)(features)
+
+
+def save(params, path, info):
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
+  with open(os.path.splitext(path)[0] + ".json", "w") as f:
+    json.dump(info, f, indent=2)
+
+
+def load(path):
+  """Returns params; a missing file says how to make one."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"feature network weights {path} not found; train them once with "
+        f"`python -m big_vision.tools.train_feature_net --out {path}` (a few minutes on a CPU)")
+  with np.load(path, allow_pickle=False) as data:
+    flat = {k: jnp.asarray(data[k]) for k in data.files}
+  params = flax.traverse_util.unflatten_dict(flat, sep="/")
+  expected = jax.eval_shape(lambda: Classifier().init(jax.random.PRNGKey(0),
+                                                      jnp.zeros((1, 28, 28, 1)))["params"])
+  want = {k: v.shape for k, v in flax.traverse_util.flatten_dict(expected, sep="/").items()}
+  got = {k: v.shape for k, v in flat.items()}
+  if want != got:
+    raise ValueError(f"{path} does not hold {NAME} weights: expected {want}, found {got}")
+  return params
+
+
+def feature_fn(path):
+  """A jitted fn: images [B,28,28,1] in [-1,1] -> (features [B,128], probs [B,10])."""
+  params = load(path)
+  model = Classifier()
+
+  @jax.jit
+  def fn(images):
+    features, logits = model.apply({"params": params}, images)
+    return features, jax.nn.softmax(logits)
+  return fn
