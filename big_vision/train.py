@@ -58,80 +58,37 @@ def make_apply(model):
   return apply
 
 
-def train(config, workdir):
-  """Runs (or resumes) one training run in `workdir`. Returns (state, last metrics)."""
-  is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    save_config(config, workdir)
-  log = metric_writer.log if is_main else (lambda *_: None)
-
-  # Data: each process reads its own shard and batch_size // process_count per step.
-  mesh = sharding.make_mesh()
-  batch_size = config.input.batch_size
-  sharding.check_batch(batch_size, mesh)
-  ckpt = checkpointing.Checkpointer(workdir)
-  resume_step = ckpt.latest_step()
-  train_ds, num_train = input_pipeline.training(config.input, seed=config.seed,
-                                                skip_batches=resume_step or 0)
-  total_steps = steps_lib.resolve(config, "total", num_train, batch_size)
-  warmup_steps = steps_lib.resolve(config, "warmup", num_train, batch_size, default=0)
-  log(f"{num_train} training images, batch {batch_size} on {mesh.devices.size} devices, "
-      f"{total_steps} steps ({total_steps * batch_size / num_train:.2f} epochs)")
-
-  # Model and diffusion.
-  model = ae.build_model(config.model)
-  apply = make_apply(model)
-  diffusion = diffusion_lib.GaussianDiffusion.create(config.diffusion.schedule,
-                                                     config.diffusion.timesteps)
-  labels_on = bool(config.model.get("num_classes"))
-
-  # Optimizer and shardings of the whole train state.
+def make_init_params(model):
+  """rng -> freshly initialised parameters."""
   h, w = model.image_size
   dummy = (jnp.zeros((2, h, w, model.channels)), jnp.zeros((2,), jnp.int32))
 
   def init(rng):
     rngs = dict(zip(("params", "mask", "dropout"), jax.random.split(rng, 3)))
     return model.init(rngs, *dummy, mask_ratio=0.0)["params"]
+  return init
 
-  abstract_params = jax.eval_shape(init, jax.random.PRNGKey(0))
-  tx, lr_fn = optimizer_lib.make(config, abstract_params, total_steps, warmup_steps)
-  use_ema = bool(config.get("ema_decay"))
 
+def make_init_state(config, init_params, tx):
+  """rng -> the train state: params, optimizer state, step (and EMA params)."""
   def init_state(rng):
-    params = init(rng)
+    params = init_params(rng)
     state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
-    if use_ema:
+    if config.get("ema_decay"):
       state["ema_params"] = params
     return state
+  return init_state
 
-  abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-  state_shardings = sharding.tree_shardings(abstract_state, mesh, config.param_sharding)
-  repl, data_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  log(f"model {config.model.variant}: {ae.count_params(abstract_params) / 1e6:.2f}M params")
 
-  # State: resume from this workdir, else init (optionally from another run).
-  init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  start_step = resume_step
-  if start_step is not None:
-    target = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state, state_shardings)
-    state, extra = ckpt.restore(start_step, target)
-    log(f"resumed from step {start_step} ({extra})")
-  else:
-    start_step = 0
-    state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
-    if config.get("init_from"):
-      params, fresh = checkpointing.merge_params(
-          state["params"], checkpointing.load_params(config.init_from)[0]["params"])
-      state = dict(state, params=params, opt_state=jax.jit(
-          tx.init, out_shardings=state_shardings["opt_state"])(params))
-      if use_ema:
-        state["ema_params"] = params
-      log(f"initialised from {config.init_from}; fresh: {fresh or 'nothing'}")
+def make_update(config, model, diffusion, tx, lr_fn, rng, batch_size, num_devices):
+  """The training step (state, batch) -> (state, metrics), before jit.
 
-  # The update step: one jit-compiled program with explicit shardings.
+  rng is the run's base key; each step folds in its step number, and each example gets
+  its own key, so the step does not depend on sharding or micro-batching.
+  """
+  apply = make_apply(model)
+  labels_on = bool(model.num_classes)
+  use_ema = bool(config.get("ema_decay"))
   loss_fn = functools.partial(
       objective.umd_loss, apply, diffusion=diffusion, no_noise_prob=config.no_noise_prob,
       mask_ratio=config.mask_ratio, mask_ratio_no_noise=config.mask_ratio_no_noise,
@@ -140,9 +97,9 @@ def train(config, workdir):
       label_dropout=config.get("label_dropout", 0.1) if labels_on else 0.0,
       null_label=model.num_classes)
   accum = config.get("grad_accum_steps", 1)
-  if batch_size % (accum * mesh.devices.size):
+  if batch_size % (accum * num_devices):
     raise ConfigError(f"batch_size={batch_size} is not divisible by grad_accum_steps={accum}"
-                      f" x {mesh.devices.size} devices")
+                      f" x {num_devices} devices")
 
   def gradients(params, images, labels, keys):
     """Loss gradients, summed over `accum` micro-batches so a large batch fits."""
@@ -180,6 +137,70 @@ def train(config, workdir):
     metrics.update(lr=lr_fn(state["step"]), grad_norm=optimizer_lib.global_norm(grads))
     return new, metrics
 
+  return update
+
+
+def train(config, workdir):
+  """Runs (or resumes) one training run in `workdir`. Returns (state, last metrics)."""
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    save_config(config, workdir)
+  log = metric_writer.log if is_main else (lambda *_: None)
+
+  # Data: each process reads its own shard and batch_size // process_count per step.
+  mesh = sharding.make_mesh()
+  batch_size = config.input.batch_size
+  sharding.check_batch(batch_size, mesh)
+  ckpt = checkpointing.Checkpointer(workdir)
+  resume_step = ckpt.latest_step()
+  train_ds, num_train = input_pipeline.training(config.input, seed=config.seed,
+                                                skip_batches=resume_step or 0)
+  total_steps = steps_lib.resolve(config, "total", num_train, batch_size)
+  warmup_steps = steps_lib.resolve(config, "warmup", num_train, batch_size, default=0)
+  log(f"{num_train} training images, batch {batch_size} on {mesh.devices.size} devices, "
+      f"{total_steps} steps ({total_steps * batch_size / num_train:.2f} epochs)")
+
+  # Model and diffusion.
+  model = ae.build_model(config.model)
+  apply = make_apply(model)
+  diffusion = diffusion_lib.GaussianDiffusion.create(config.diffusion.schedule,
+                                                     config.diffusion.timesteps)
+
+  # Optimizer and shardings of the whole train state.
+  init_params = make_init_params(model)
+  abstract_params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+  tx, lr_fn = optimizer_lib.make(config, abstract_params, total_steps, warmup_steps)
+  use_ema = bool(config.get("ema_decay"))
+  init_state = make_init_state(config, init_params, tx)
+  abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  state_shardings = sharding.tree_shardings(abstract_state, mesh, config.param_sharding)
+  repl, data_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  log(f"model {config.model.variant}: {ae.count_params(abstract_params) / 1e6:.2f}M params")
+
+  # State: resume from this workdir, else init (optionally from another run).
+  init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  start_step = resume_step
+  if start_step is not None:
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state, state_shardings)
+    state, extra = ckpt.restore(start_step, target)
+    log(f"resumed from step {start_step} ({extra})")
+  else:
+    start_step = 0
+    state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+    if config.get("init_from"):
+      params, fresh = checkpointing.merge_params(
+          state["params"], checkpointing.load_params(config.init_from)[0]["params"])
+      state = dict(state, params=params, opt_state=jax.jit(
+          tx.init, out_shardings=state_shardings["opt_state"])(params))
+      if use_ema:
+        state["ema_params"] = params
+      log(f"initialised from {config.init_from}; fresh: {fresh or 'nothing'}")
+
+  # The update step: one jit-compiled program with explicit shardings.
+  update = make_update(config, model, diffusion, tx, lr_fn, rng, batch_size, mesh.devices.size)
   update = jax.jit(update, in_shardings=(state_shardings, data_sharding),
                    out_shardings=(state_shardings, repl), donate_argnums=(0,))
 
