@@ -7,7 +7,11 @@ r"""UMD on Fashion-MNIST (28x28 grayscale): the main job that runs on a laptop C
 The data comes from Debian's dataset-fashion-mnist files, turned into a TFDS dataset
 (`fashion_mnist_local`) on first use; no download. Defaults are sized to finish in about
 15 minutes on 2 CPU cores and show the loss falling; `epochs=` or `total_steps=` run longer.
+FID/IS use our own Fashion-MNIST classifier (`feature_net=PATH`, made once by
+`python -m big_vision.tools.train_feature_net`); without it those evals are skipped.
 """
+import os
+
 import ml_collections as mlc
 
 from configs import common
@@ -16,9 +20,10 @@ from configs import common
 def get_config(arg=None):
   """Config for Fashion-MNIST auto-encoder training."""
   arg = common.parse(
-      arg, variant="Ti/4", batch_size=128, epochs=2.0, lr=1.5e-4 * 4, warmup=0.05,
+      arg, variant="Ti/4", batch_size=128, epochs=1.5, lr=1.5e-4 * 4, warmup=0.05,
       timesteps=1000, sampling_timesteps=50, data_dir="", shuffle_buffer=20_000,
-      eval_epochs=1.0)
+      eval_epochs=1.0, fid_samples=500,
+      feature_net="~/.cache/big_vision/fmnist_classifier.npz")
 
   config = mlc.ConfigDict()
   config.input = mlc.ConfigDict()
@@ -46,8 +51,10 @@ def get_config(arg=None):
 
 
 def evals(config, arg):
-  """Probe, validation loss and reconstructions, each every `eval_epochs` and at the end."""
+  """Probe, validation loss and reconstructions every `eval_epochs` and at the end;
+  samples (FID/IS with our Fashion-MNIST classifier) and inpainting at the end."""
   every = dict(every_epochs=arg.eval_epochs) if arg.eval_epochs else {}
+  feature_net = dict(kind="fmnist_classifier", weights=os.path.expanduser(arg.feature_net))
   result = mlc.ConfigDict()
   # Features of clean images, or of noised ones for models that never see clean inputs.
   features = "representation" if config.no_noise_prob > 0 else "noised"
@@ -56,4 +63,9 @@ def evals(config, arg):
   result.val = dict(type="diffusion_loss", **every)
   if (config.mask_ratio_no_noise if config.no_noise_prob > 0 else config.mask_ratio) > 0:
     result.reconstruction = dict(type="reconstruction", **every)
+  if config.no_noise_prob < 1:  # Only models trained on noised images can sample.
+    result.samples = dict(type="sampling", num_samples=arg.fid_samples, batch_size=100,
+                          guidance_scales=(1.0, 3.0), feature_net=feature_net)
+    result.inpainting = dict(type="inpainting", mask_ratio=0.5, max_examples=200,
+                             batch_size=100, feature_net=feature_net)
   return result

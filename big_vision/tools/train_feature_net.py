@@ -28,7 +28,7 @@ def _input(split, batch_size, pp, data_dir, shuffle=0):
       batch_size=batch_size, shuffle_buffer_size=shuffle, cache_raw=True))
 
 
-def train(out, epochs=3.0, batch_size=128, lr=2e-3, data_dir=None, train_split="train",
+def train(out, epochs=2.0, batch_size=128, lr=2e-3, data_dir=None, train_split="train",
           test_split="test", seed=0, log=print):
   """Trains, evaluates and saves. Returns the test accuracy."""
   model = fmnist_classifier.Classifier()
@@ -80,6 +80,6 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.DEFINE_string("out", DEFAULT_PATH, "Where to save the weights (.npz).")
-  flags.DEFINE_float("epochs", 3.0, "Training epochs.")
+  flags.DEFINE_float("epochs", 2.0, "Training epochs.")
   flags.DEFINE_string("data_dir", None, "TFDS data dir (default $TFDS_DATA_DIR).")
   app.run(main)

@@ -1,0 +1,123 @@
+"""FID and Inception Score statistics, in float64 numpy with the standard formulas.
+
+FID = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)).
+The trace of the square root is computed from the eigenvalues of S1^(1/2) S2 S1^(1/2),
+a symmetric PSD matrix similar to S1 S2, so both have the same (non-negative) eigenvalues
+and Tr((S1 S2)^(1/2)) = sum sqrt(eig). No scipy needed, and no complex round-off.
+IS = exp(E_x KL(p(y|x) || p(y))), the mean and spread over `num_splits` splits.
+"""
+import hashlib
+import os
+import re
+
+import numpy as np
+
+
+def feature_statistics(features):
+  """[N, D] features -> (mu [D], sigma [D, D]) in float64 (sigma with ddof=1)."""
+  x = np.asarray(features, np.float64)
+  if x.ndim != 2 or len(x) < 2:
+    raise ValueError(f"need [N >= 2, D] features, got shape {x.shape}")
+  return x.mean(0), np.cov(x, rowvar=False)
+
+
+class StatisticsAccumulator:
+  """Streaming mean and covariance, so that 50k feature vectors need not be held at once."""
+
+  def __init__(self):
+    self.n, self.sum, self.outer = 0, None, None
+
+  def update(self, features):
+    x = np.asarray(features, np.float64)
+    if self.sum is None:
+      self.sum, self.outer = np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1]))
+    self.n += len(x)
+    self.sum += x.sum(0)
+    self.outer += x.T @ x
+
+  def result(self):
+    if self.n < 2:
+      raise ValueError(f"need at least 2 feature vectors, got {self.n}")
+    mu = self.sum / self.n
+    sigma = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+    return mu, sigma
+
+
+def _sqrt_psd(m):
+  w, v = np.linalg.eigh((m + m.T) / 2)
+  return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def trace_sqrt_product(sigma1, sigma2):
+  """Tr((sigma1 sigma2)^(1/2)) for symmetric PSD matrices."""
+  s1 = _sqrt_psd(sigma1)
+  w = np.linalg.eigvalsh(s1 @ sigma2 @ s1)
+  return float(np.sum(np.sqrt(np.clip(w, 0, None))))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+  """The Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
+  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+  sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(
+      np.asarray(sigma2, np.float64))
+  if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+    raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
+                     f"sigma {sigma1.shape} vs {sigma2.shape}")
+  tr_covmean = trace_sqrt_product(sigma1, sigma2)
+  if not np.isfinite(tr_covmean):  # Singular product: regularise as pytorch-fid does.
+    offset = np.eye(len(mu1)) * eps
+    tr_covmean = trace_sqrt_product(sigma1 + offset, sigma2 + offset)
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+
+
+def inception_score(probs, num_splits=10):
+  """(mean, std) of exp(E KL(p(y|x) || p(y))) over splits of [N, K] class probabilities."""
+  p = np.asarray(probs, np.float64)
+  if p.ndim != 2 or not np.allclose(p.sum(1), 1.0, atol=1e-3) or (p < 0).any():
+    raise ValueError(f"inception_score needs [N, K] rows of probabilities summing to 1; "
+                     f"got shape {p.shape}")
+  num_splits = max(1, min(num_splits, len(p)))
+  scores = []
+  for part in np.array_split(p, num_splits):
+    marginal = part.mean(0, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0).sum(1)
+    scores.append(np.exp(kl.mean()))
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+def save_statistics(path, mu, sigma, **metadata):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, mu=mu, sigma=sigma, **{f"meta_{k}": np.asarray(str(v)) for k, v in
+                                        metadata.items()})
+  os.replace(tmp, path)  # Atomic: concurrent readers never see half a file.
+
+
+def load_statistics(path):
+  with np.load(path, allow_pickle=False) as data:
+    meta = {k[5:]: str(data[k]) for k in data.files if k.startswith("meta_")}
+    return data["mu"], data["sigma"], meta
+
+
+def cache_path(cache_dir, key_fields):
+  """A readable, collision-safe file name for the statistics keyed by key_fields."""
+  text = "_".join(f"{k}-{v}" for k, v in sorted(key_fields.items()))
+  digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+  return os.path.join(cache_dir, re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:150] + f"_{digest}.npz")
+
+
+def cached_reference_stats(cache_dir, key_fields, compute_fn):
+  """(mu, sigma) from the cache file for key_fields, computing and saving it if missing.
+
+  compute_fn() -> (mu, sigma). key_fields should name dataset, split, resolution and
+  feature network.
+  """
+  path = cache_path(cache_dir, key_fields)
+  if os.path.exists(path):
+    mu, sigma, _ = load_statistics(path)
+    return mu, sigma
+  mu, sigma = compute_fn()
+  save_statistics(path, mu, sigma, **key_fields)
+  return mu, sigma
