@@ -15,12 +15,12 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from big_vision import checkpointing
 from big_vision import config_cli
 from big_vision import diffusion as diffusion_lib
+from big_vision import distributed
 from big_vision import input_pipeline
 from big_vision import methods
 from big_vision import metric_writer
@@ -214,8 +214,7 @@ def train(config, workdir):
                                    diffusion=diffusion)
 
   def write_pictures(step, params, vis_images):
-    if not is_main:
-      return
+    # Every process computes (the arrays span all of them); only the main one writes.
     rows, names = [vis_images], ["original"]
     if config.no_noise_prob > 0:
       r = predict_recon(params, vis_images, jax.random.PRNGKey(1),
@@ -227,7 +226,9 @@ def train(config, workdir):
       r = predict_recon(params, vis_images, jax.random.PRNGKey(2), config.mask_ratio, t)
       rows += [r["input"], r["prediction"]]
       names += [f"noised t={t}, {config.mask_ratio:.0%} masked", "x0 prediction"]
-    rows = [np.asarray(jax.device_get(r)) for r in rows]
+    rows = [eval_common.gather(r) for r in rows]
+    if not is_main:
+      return
     path = os.path.join(workdir, "images", f"reconstruction_{step:07d}.png")
     visualize.image_grid(rows, path, row_names=names)
     if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
@@ -251,9 +252,9 @@ def train(config, workdir):
   try:
     for step in range(start_step + 1, total_steps + 1):
       batch = next(batches)
-      if vis_images is None:
-        vis_images = jax.device_put(
-            np.asarray(jax.device_get(batch["image"]))[:vis_n], repl) if is_main else None
+      if vis_images is None:  # The same first images on every process, replicated.
+        first = eval_common.gather(batch["image"])[:vis_n]
+        vis_images = jax.make_array_from_callback(first.shape, repl, lambda i: first[i])
       state, metrics = update(state, batch)
       if step % log_every == 0 or step == total_steps or step == start_step + 1:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -288,6 +289,12 @@ def train(config, workdir):
 def main(argv, config):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  f = flags.FLAGS
+  try:  # Before any other JAX call: one process per host joins the others.
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   workdir = flags.FLAGS.workdir
   if not workdir:
     print("error: --workdir DIR is required", file=sys.stderr)
@@ -305,6 +312,10 @@ def main(argv, config):
 def run():
   # Flags are defined here, not at import, so tools can import this module.
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and pictures go.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs "
+                      "outside TPU pods and SLURM; see big_vision/distributed.py).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with coordinator_address).")
   # The config is loaded and checked before absl, jax compilation or data: a bad value
   # costs one line and no time.
   config, rest = config_cli.load_or_exit(sys.argv[1:], check=check_trainable)

@@ -22,7 +22,7 @@ def get_config(arg=None):
   arg = common.parse(
       arg, variant="Ti/4", batch_size=128, epochs=1.5, lr=1.5e-4 * 4, warmup=0.05,
       timesteps=1000, sampling_timesteps=50, data_dir="", shuffle_buffer=20_000,
-      eval_epochs=1.0, fid_samples=500,
+      evals=True, eval_epochs=1.0, fid_samples=500,
       feature_net="~/.cache/big_vision/fmnist_classifier.npz")
 
   config = mlc.ConfigDict()
@@ -46,7 +46,7 @@ def get_config(arg=None):
       decoder_rule=lambda enc: (enc["decoder_width"], enc["decoder_depth"]))
   config.diffusion = common.diffusion(arg)
   common.schedule_and_optimizer(config, arg)
-  config.evals = evals(config, arg)
+  config.evals = evals(config, arg) if arg.evals else mlc.ConfigDict()
   return config
 
 

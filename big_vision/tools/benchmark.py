@@ -1,0 +1,232 @@
+r"""Measures where time goes: training step, sampling, input pipeline and evaluation.
+
+  python -m big_vision.tools.benchmark --config configs/ae_fmnist.py:variant=S/4 --out bench.json
+
+Training step: images/s and the median step time on synthetic batches (so the input
+pipeline does not interfere), compile time, peak memory, model FLOPs per image
+(forward + backward, from XLA's cost analysis of the same step compiled WITHOUT scan and
+rematerialisation, since XLA counts a scanned body once and remat adds recomputation),
+achieved FLOP/s and its share of the device's peak: on a CPU the fp32 matmul rate this
+command measures on the same machine in the same run; on a GPU the vendor's dense bf16
+figure. Sampling: images/s of the config's sampler. Input: images/s of the training
+pipeline alone. Evaluation: seconds of the few-shot probe and of FID on the config's
+sample count (when the feature network's weights exist).
+"""
+import copy
+import json
+import resource
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from big_vision import config_cli
+from big_vision import diffusion as diffusion_lib
+from big_vision import input_pipeline
+from big_vision import methods
+from big_vision import optimizer as optimizer_lib
+from big_vision import sharding
+from big_vision import train
+from big_vision.models import ae
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, FLOP/s.
+GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def matmul_peak(n=2048, dtype=jnp.float32, repeats=10):
+  """FLOP/s of an n x n matmul on the default device, the CPU's reference peak."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n ** 3 / statistics.median(times)
+
+
+def device_peak():
+  """(peak FLOP/s, how it was obtained)."""
+  device = jax.devices()[0]
+  if device.platform == "gpu":
+    for name, peak in GPU_PEAKS.items():
+      if name in device.device_kind:
+        return peak * jax.device_count(), f"vendor dense bf16 peak of {device.device_kind}"
+  return matmul_peak() * jax.device_count(), "measured fp32 2048x2048 matmul rate"
+
+
+def peak_memory_bytes():
+  device = jax.devices()[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"], "device peak bytes in use"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host peak RSS of the process"
+
+
+def _setup(config, total_steps=1000):
+  """Model, diffusion, jitted update and a fresh state, as the trainer builds them."""
+  mesh = sharding.make_mesh()
+  model = ae.build_model(config.model)
+  diffusion = diffusion_lib.GaussianDiffusion.create(config.diffusion.schedule,
+                                                     config.diffusion.timesteps)
+  init_params = train.make_init_params(model)
+  abstract = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+  tx, lr_fn = optimizer_lib.make(config, abstract, total_steps, 10)
+  init_state = train.make_init_state(config, init_params, tx)
+  state_shardings = sharding.tree_shardings(jax.eval_shape(init_state, jax.random.PRNGKey(0)),
+                                            mesh, config.param_sharding)
+  data_sharding = sharding.batch_sharding(mesh)
+  update = train.make_update(config, model, diffusion, tx, lr_fn, jax.random.PRNGKey(1),
+                             config.input.batch_size, mesh.devices.size)
+  update = jax.jit(update, in_shardings=(state_shardings, data_sharding),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   donate_argnums=(0,))
+  state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.PRNGKey(0))
+  b = config.input.batch_size
+  h, w = model.image_size
+  batch = {"image": jax.device_put(
+      jax.random.uniform(jax.random.PRNGKey(2), (b, h, w, model.channels), minval=-1,
+                         maxval=1), data_sharding),
+           "label": jax.device_put(jnp.arange(b) % max(model.num_classes, 1), data_sharding)}
+  return model, diffusion, update, state, batch
+
+
+def flops_per_image(config):
+  """Forward + backward FLOPs per image of the training step, unscanned and un-remat."""
+  plain = copy.deepcopy(config)
+  plain.model.scan = False
+  plain.model.remat_policy = "none"
+  _, _, update, state, batch = _setup(plain)
+  cost = update.lower(state, batch).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) / config.input.batch_size
+
+
+def bench_train_step(config, steps):
+  model, diffusion, update, state, batch = _setup(config)
+  start = time.perf_counter()
+  compiled = update.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(2):  # Warm-up.
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  mem, mem_how = peak_memory_bytes()
+  analysis = compiled.memory_analysis()
+  xla_bytes = None
+  if analysis is not None:
+    xla_bytes = int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+                    + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+  return dict(images_per_s=config.input.batch_size / step_s, step_s=step_s,
+              compile_s=compile_s, peak_memory_bytes=mem, peak_memory_source=mem_how,
+              xla_memory_analysis_bytes=xla_bytes), (model, diffusion, state)
+
+
+def bench_sampling(config, model, diffusion, params, num_samples):
+  from big_vision.evaluators import sampling  # pylint: disable=g-import-not-at-top
+  from big_vision.evaluators import common  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh()
+  context = common.Context(model=model, diffusion=diffusion, config=config, workdir="/tmp",
+                           mesh=mesh, data_sharding=sharding.batch_sharding(mesh))
+  ev = sampling.Evaluator(context, num_samples=num_samples, batch_size=num_samples)
+  ev.samples(params)  # Compile.
+  start = time.perf_counter()
+  ev.samples(params)
+  seconds = time.perf_counter() - start
+  return dict(images_per_s=num_samples / seconds, sampling_timesteps=ev.sampling_timesteps,
+              sampler=ev.sampler, seconds=seconds,
+              loop="all steps in one lax.scan inside one jitted call per batch")
+
+
+def bench_input(config, batches):
+  ds, _ = input_pipeline.training(config.input, seed=0)
+  it = ds.as_numpy_iterator()
+  next(it)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  return dict(images_per_s=batches * config.input.batch_size / (time.perf_counter() - start))
+
+
+def bench_evals(config, model, diffusion, params):
+  from big_vision.evaluators import common  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh()
+  context = common.Context(model=model, diffusion=diffusion, config=config, workdir="/tmp",
+                           mesh=mesh, data_sharding=sharding.batch_sharding(mesh))
+  result = {}
+  for name, spec in (config.get("evals") or {}).items():
+    if spec.get("type") not in ("fewshot", "sampling"):
+      continue
+    one = copy.deepcopy(config)
+    one.evals = {name: spec}
+    built = common.build(one, context, 1, 1, log=lambda *_: None)
+    if not built:
+      result[name] = "skipped (missing weights or data)"
+      continue
+    start = time.perf_counter()
+    list(built[0].evaluator.run(params, 0))
+    result[name + "_seconds"] = time.perf_counter() - start
+  return result
+
+
+def run(config, steps=10, sample_count=None, input_batches=50, evals=True, log=print):
+  device = jax.devices()[0]
+  out = dict(device=device.device_kind, platform=device.platform,
+             num_devices=jax.device_count(), batch_size=config.input.batch_size,
+             variant=config.model.variant, image_size=config.model.image_size,
+             dtype_mm=config.model.dtype_mm, scan=config.model.scan,
+             remat_policy=config.model.remat_policy)
+  peak, peak_how = device_peak()
+  out.update(peak_flops=peak, peak_source=peak_how)
+  step, (model, diffusion, state) = bench_train_step(config, steps)
+  out["train"] = step
+  fpi = flops_per_image(config)
+  achieved = fpi * step["images_per_s"]
+  out["train"].update(flops_per_image=fpi, flops_source="XLA cost analysis, unscanned, no remat",
+                      achieved_flops=achieved, fraction_of_peak=achieved / peak)
+  log(f"train: {step['images_per_s']:.1f} img/s, step {step['step_s'] * 1e3:.1f} ms, "
+      f"compile {step['compile_s']:.1f} s, {fpi / 1e9:.2f} GFLOP/img, "
+      f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of {peak / 1e9:.1f} GFLOP/s "
+      f"({peak_how}); peak memory {step['peak_memory_bytes'] / 2**30:.2f} GiB")
+  params = state["params"]
+  n = sample_count or min(config.input.batch_size, 64)
+  out["sampling"] = bench_sampling(config, model, diffusion, params, n)
+  log(f"sampling: {out['sampling']['images_per_s']:.2f} img/s with "
+      f"{out['sampling']['sampling_timesteps']} {out['sampling']['sampler']} steps")
+  out["input"] = bench_input(config, input_batches)
+  log(f"input pipeline: {out['input']['images_per_s']:.0f} img/s "
+      f"({out['input']['images_per_s'] / step['images_per_s']:.1f}x the training step)")
+  if evals:
+    out["evals"] = bench_evals(config, model, diffusion, params)
+    log(f"evals: {out['evals']}")
+  return out
+
+
+def main(argv, config):
+  del argv
+  f = flags.FLAGS
+  out = run(config, steps=f.steps, sample_count=f.samples, evals=f.evals)
+  if f.out:
+    with open(f.out, "w") as fh:
+      json.dump(out, fh, indent=2, default=float)
+    print(f"wrote {f.out}")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_integer("steps", 10, "Timed training steps (after compilation).")
+  flags.DEFINE_integer("samples", None, "Images to sample (default: min(batch, 64)).")
+  flags.DEFINE_bool("evals", True, "Also time the few-shot probe and FID.")
+  flags.DEFINE_string("out", None, "Write the figures as JSON here.")
+  cfg, rest = config_cli.load_or_exit(sys.argv[1:], check=methods.check_config)
+  app.run(lambda argv: main(argv, cfg), argv=[sys.argv[0]] + rest)

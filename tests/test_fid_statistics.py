@@ -1,0 +1,87 @@
+"""FID and IS against closed forms; the statistics cache; the feature-net metric names."""
+import numpy as np
+import pytest
+
+from big_vision.evaluators import fid_math
+
+
+def test_identical_statistics_give_zero():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(500, 16))
+  mu, sigma = fid_math.feature_statistics(x)
+  assert abs(fid_math.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_diagonal_gaussians_closed_form():
+  mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, -1.0, 2.5])
+  a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 1.0])
+  expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+  got = fid_math.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+  assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_non_commuting_covariances_against_eigendecomposition():
+  rng = np.random.default_rng(1)
+  m1, m2 = rng.normal(size=(4, 4)), rng.normal(size=(4, 4))
+  s1, s2 = m1 @ m1.T + 0.1 * np.eye(4), m2 @ m2.T + 0.1 * np.eye(4)
+  # Tr((s1 s2)^(1/2)) = sum of square roots of the eigenvalues of s1 s2 (all real >= 0).
+  tr = np.sum(np.sqrt(np.linalg.eigvals(s1 @ s2).real))
+  expected = np.trace(s1) + np.trace(s2) - 2 * tr
+  assert fid_math.frechet_distance(np.zeros(4), s1, np.zeros(4), s2) == pytest.approx(
+      expected, rel=1e-8)
+
+
+def test_sample_fid_approaches_closed_form():
+  rng = np.random.default_rng(2)
+  a = rng.normal(0.0, 1.0, size=(200_000, 2))
+  b = rng.normal(0.5, 2.0, size=(200_000, 2))
+  got = fid_math.frechet_distance(*fid_math.feature_statistics(a),
+                                  *fid_math.feature_statistics(b))
+  assert got == pytest.approx(2 * 0.25 + 2 * (1 - 2) ** 2, rel=0.02)
+
+
+def test_streaming_accumulator_equals_direct():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(1000, 8)) * 3 + 1
+  acc = fid_math.StatisticsAccumulator()
+  for part in np.array_split(x, 7):
+    acc.update(part)
+  mu, sigma = acc.result()
+  mu_ref, sigma_ref = fid_math.feature_statistics(x)
+  np.testing.assert_allclose(mu, mu_ref, rtol=1e-12)
+  np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_inception_score_closed_forms():
+  k = 10
+  assert fid_math.inception_score(np.full((1000, k), 1 / k))[0] == pytest.approx(1.0)
+  confident = np.eye(k)[np.arange(1000) % k]  # Balanced and certain: IS = K.
+  assert fid_math.inception_score(confident)[0] == pytest.approx(k, rel=1e-9)
+  one_class = np.eye(k)[np.zeros(1000, int)]  # Certain but always the same class: 1.
+  assert fid_math.inception_score(one_class)[0] == pytest.approx(1.0)
+  with pytest.raises(ValueError, match="summing to 1"):
+    fid_math.inception_score(np.ones((10, 3)))
+
+
+def test_mismatched_statistics_error():
+  with pytest.raises(ValueError, match="mismatched statistics"):
+    fid_math.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_reference_cache_computes_once_and_keys_by_fields(tmp_path):
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return np.zeros(2), np.eye(2)
+
+  key = dict(dataset="fashion_mnist_local", split="test", resolution="28x28",
+             network="fmnist_classifier")
+  for _ in range(2):
+    mu, sigma = fid_math.cached_reference_stats(str(tmp_path), key, compute)
+  assert len(calls) == 1 and np.array_equal(sigma, np.eye(2))
+  fid_math.cached_reference_stats(str(tmp_path), dict(key, resolution="32x32"), compute)
+  fid_math.cached_reference_stats(str(tmp_path), dict(key, network="inception"), compute)
+  assert len(calls) == 3 and len(list(tmp_path.iterdir())) == 3
+  _, _, meta = fid_math.load_statistics(fid_math.cache_path(str(tmp_path), key))
+  assert meta["network"] == "fmnist_classifier" and meta["split"] == "test"
