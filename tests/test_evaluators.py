@@ -154,3 +154,61 @@ def test_eval_only_matches_evaluation_at_end_of_training(data_dir, tmp_path):
   after = eval_only.evaluate(config, workdir)
   after = {k: v for k, v in after.items() if not k.endswith("seconds")}
   assert during and during == pytest.approx(after)
+
+
+@pytest.fixture(scope="module")
+def feature_net_weights(tmp_path_factory):
+  """Weights of the right structure, made here (random, not trained)."""
+  from big_vision.models import fmnist_classifier
+  path = str(tmp_path_factory.mktemp("fnet") / "fmnist_classifier.npz")
+  params = fmnist_classifier.Classifier().init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, 28, 28, 1)))["params"]
+  fmnist_classifier.save(params, path, dict(test_accuracy=None, note="random, for tests"))
+  return path
+
+
+def test_sampling_evaluator_fid_is_and_floor(data_dir, tmp_path, feature_net_weights):
+  from big_vision.evaluators import sampling
+  ctx, params = make_context(data_dir, str(tmp_path), "variant=Mu/4,use_labels=True")
+  net = dict(kind="fmnist_classifier", weights=feature_net_weights)
+  ev = sampling.Evaluator(ctx, num_samples=20, batch_size=10, sampling_timesteps=4,
+                          guidance_scales=(2.0,), feature_net=net, max_reference=300,
+                          cache_dir=str(tmp_path / "cache"))
+  r = dict(ev.run(params, 3))
+  for prefix in ("", "cfg2/"):
+    assert r[prefix + "fid_fmnist_classifier"] > 0
+    assert 1.0 <= r[prefix + "is_fmnist_classifier"] <= 10.0
+  assert "fid" not in r  # Never called plain FID without Inception.
+  assert r["fid_fmnist_classifier_real_floor"] < r["fid_fmnist_classifier"]
+  assert len(os.listdir(tmp_path / "cache")) == 1  # Reference statistics cached once.
+  images = sorted(os.listdir(tmp_path / "images"))
+  assert images == ["samples_cfg2_0000003.png", "samples_uncond_0000003.png"]
+  samples = ev.samples(params)
+  assert samples.shape == (20, 28, 28, 1) and samples.min() >= -1 and samples.max() <= 1
+
+
+def test_sampling_evaluator_missing_weights_is_skipped_with_reason(data_dir, tmp_path):
+  ctx, _ = make_context(data_dir, str(tmp_path))
+  config = ml_collections.ConfigDict(dict(evals=dict(s=dict(
+      type="sampling", feature_net=dict(kind="fmnist_classifier",
+                                        weights=str(tmp_path / "nope.npz"))))))
+  said = []
+  assert common.build(config, ctx, 100, 10, log=said.append) == []
+  assert len(said) == 1 and "eval s skipped" in said[0] and "train_feature_net" in said[0]
+
+
+def test_inpainting_keeps_visible_pixels(data_dir, tmp_path):
+  from big_vision.evaluators import inpainting
+  ctx, params = make_context(data_dir, str(tmp_path))
+  model = ctx.model
+  images = jax.random.uniform(jax.random.PRNGKey(0), (4, 28, 28, 1), minval=-1, maxval=1)
+  pixel_mask = jnp.zeros((4, 28, 28, 1)).at[:, :14].set(1.0)
+  from big_vision.evaluators import sampling
+  out = inpainting.inpaint(sampling.model_eps_fn(model, params), ctx.diffusion, images,
+                           pixel_mask, jax.random.PRNGKey(1), sampling_timesteps=5)
+  np.testing.assert_array_equal(out[:, 14:], images[:, 14:])
+  assert np.abs(np.asarray(out[:, :14] - images[:, :14])).max() > 0.1
+  r = dict(inpainting.Evaluator(ctx, max_examples=16, batch_size=8, sampling_timesteps=4,
+                                split="test[:16]").run(params, 2))
+  assert set(r) == {"masked_mse", "masked_psnr", "onestep_masked_mse", "onestep_masked_psnr"}
+  assert os.path.exists(tmp_path / "images" / "inpainting_0000002.png")

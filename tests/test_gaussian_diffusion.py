@@ -103,13 +103,17 @@ def _gaussian_eps_fn(d, mu, sigma):
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_exact_model_samples_the_data_distribution(sampler):
-  d = dl.GaussianDiffusion.create("linear", 200)
+  d = dl.GaussianDiffusion.create("linear", 1000)
   mu, sigma = 0.5, 0.3
   fn = {"ddim": dl.ddim_sample, "ddpm": dl.ddpm_sample}[sampler]
+  # All 1000 steps: with few steps both samplers shrink the variance (discretisation).
   x = jax.jit(functools.partial(fn, _gaussian_eps_fn(d, mu, sigma), d, (4000, 2),
-                                sampling_timesteps=50, clip_x0=False))(jax.random.PRNGKey(0))
+                                clip_x0=False))(jax.random.PRNGKey(0))
   assert float(x.mean()) == pytest.approx(mu, abs=0.02)
-  assert float(x.std()) == pytest.approx(sigma, rel=0.06)
+  assert float(x.std()) == pytest.approx(sigma, rel=0.04)
+  few = fn(_gaussian_eps_fn(d, mu, sigma), d, (4000, 2), jax.random.PRNGKey(0),
+           sampling_timesteps=50, clip_x0=False)
+  assert float(few.mean()) == pytest.approx(mu, abs=0.02)
   # A wrong model (wrong mean) lands elsewhere: the test can fail.
   y = fn(_gaussian_eps_fn(d, -mu, sigma), d, (4000, 2), jax.random.PRNGKey(0),
          sampling_timesteps=50, clip_x0=False)
