@@ -74,6 +74,10 @@ class Progress:
     self._last_time, self._last_step = now, step
     return rate
 
+  def restart(self, step):
+    """Starts the next interval now, so time spent on evals does not count as training."""
+    self._last_time, self._last_step = time.time(), step
+
   def line(self, step, metrics, rate):
     eta = "?"
     if rate:

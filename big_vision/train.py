@@ -266,8 +266,10 @@ def train(config, workdir):
         ckpt.save(step, state, dict(step=step, examples_seen=step * batch_size))
       if step % image_every == 0 and step != total_steps:
         write_pictures(step, state["params"], vis_images)
-      if step != total_steps:
-        eval_common.run_due(evals, step, total_steps, state, writer, log)
+        progress.restart(step)
+      if step != total_steps and eval_common.run_due(evals, step, total_steps, state, writer,
+                                                     log):
+        progress.restart(step)
 
     # The end: final checkpoint and pictures.
     if total_steps > start_step:
