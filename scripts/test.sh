@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 WANDB_MODE=disabled
-.venv/bin/python -m pytest -q tests "$@"
+# Two workers: the machines have two cores and much of a test is single-threaded.
+.venv/bin/python -m pytest -q -n 2 --dist loadfile tests "$@"
