@@ -13,8 +13,11 @@ class ConfigError(ValueError):
   """A config string or config value that cannot be used; the message says why."""
 
 
-def _split_top_level(text, sep=","):
-  """Splits on `sep` outside of brackets and quotes: 'a=(1,2),b=3' -> ['a=(1,2)', 'b=3']."""
+def split_top_level(text, sep=","):
+  """Splits on `sep` outside of brackets and quotes: 'a=(1,2),b=3' -> ['a=(1,2)', 'b=3'].
+
+  Parts are stripped; empty parts are kept (callers decide whether they are an error).
+  """
   parts, depth, quote, current = [], 0, None, []
   for ch in text:
     if quote:
@@ -31,7 +34,7 @@ def _split_top_level(text, sep=","):
       continue
     current.append(ch)
   parts.append("".join(current))
-  return [p.strip() for p in parts if p.strip()]
+  return [p.strip() for p in parts]
 
 
 def _strip_quotes(text):
@@ -84,7 +87,7 @@ def parse_arg(arg, **defaults):
   that lists the known ones.
   """
   result = dict(defaults)
-  for item in _split_top_level(arg or ""):
+  for item in filter(None, split_top_level(arg or "")):
     key, sep, raw = item.partition("=")
     key = key.strip()
     if key not in defaults:
@@ -100,7 +103,7 @@ def parse_arg(arg, **defaults):
 
 def peek(arg, key, default):
   """Returns the raw value of one option without checking the others (for presets)."""
-  for item in _split_top_level(arg or ""):
+  for item in filter(None, split_top_level(arg or "")):
     k, _, raw = item.partition("=")
     if k.strip() == key:
       return _strip_quotes(raw.strip())

@@ -1,97 +1,296 @@
 """Starts JAX's distributed runtime as the platform needs, once, before any other JAX call.
 
-Where the settings come from, first match wins:
-  flags       --coordinator_address/--num_processes/--process_id given to the trainer;
-  bv_env      BV_COORDINATOR_ADDRESS, BV_NUM_PROCESSES (and BV_PROCESS_ID, else the
-              launcher's own rank variable), as set by ibrun.sh;
-  tpu         a Cloud TPU VM (TPU_WORKER_HOSTNAMES / TPU_ACCELERATOR_TYPE): JAX finds
-              everything itself;
-  slurm       a SLURM step with more than one task: JAX's SLURM detection;
-  mpi         OpenMPI / MVAPICH / PMI ranks with more than one process, the coordinator
-              from MASTER_ADDR and MASTER_PORT;
-  none        a single plain process: nothing to start.
+`plan(env, ...)` decides from the environment alone (pure, so tests can feed it fake
+clusters); `initialize(...)` carries the decision out. Where the settings come from, the
+first match wins:
+
+  flags     explicit arguments (the trainer's --coordinator_address/--num_processes/
+            --process_id); a missing one is taken from the environment below.
+  bv_env    BV_COORDINATOR_ADDRESS ("host:port"), as set by ibrun.sh, with
+            BV_NUM_PROCESSES and BV_PROCESS_ID, each falling back to the launcher's own
+            size/rank variable (SLURM, Open MPI, MVAPICH, PMI); BV_LOCAL_DEVICE_IDS
+            ("0,1") optionally picks this process's accelerators.
+  auto      BV_DISTRIBUTED=auto (run_tpu.sh sets it): JAX detects everything itself. Use it
+            on Cloud TPU VMs, whose settings live in the metadata server, not the environment.
+  tpu       TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES naming more than one host (GKE):
+            JAX detects everything itself.
+  openmpi, mvapich, pmi, slurm
+            a launcher started more than one process: the size and rank come from its
+            variables (OMPI_COMM_WORLD_*, MV2_COMM_WORLD_*, PMI_*, SLURM_* inside an srun
+            step); the coordinator from MASTER_ADDR[:MASTER_PORT], else the first host of
+            the srun step (SLURM_STEP_NODELIST, else SLURM_JOB_NODELIST) on a port derived
+            from the job id the way JAX's own SLURM detection does, else (Open MPI's mpirun)
+            JAX's reading of OMPI_MCA_orte_hnp_uri.
+  none      a single plain process (or BV_DISTRIBUTED=off): nothing to start.
 """
 import dataclasses
+import logging
 import os
-from typing import Mapping, Optional, Sequence
+import re
+from typing import Mapping, Optional, Sequence, Tuple
 
 import jax
 
-RANK_VARS = ("BV_PROCESS_ID", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
-             "MV2_COMM_WORLD_RANK")
-SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+# Our own variables (ibrun.sh sets the first two; the rest are optional).
+COORDINATOR_VAR = "BV_COORDINATOR_ADDRESS"
+NUM_PROCESSES_VAR = "BV_NUM_PROCESSES"
+PROCESS_ID_VAR = "BV_PROCESS_ID"
+LOCAL_DEVICE_IDS_VAR = "BV_LOCAL_DEVICE_IDS"
+MODE_VAR = "BV_DISTRIBUTED"  # "auto": let JAX detect; "off": never start.
+
+DEFAULT_PORT = 12355  # With MASTER_ADDR but no MASTER_PORT; ibrun.sh's default too.
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Launcher:
+  """Where one kind of launcher puts a process's size, rank and place on its node."""
+  name: str
+  size: str
+  rank: str
+  local_rank: str
+  local_size: str
+
+
+# Order matters: MPI launchers started from inside a SLURM batch script (TACC's ibrun,
+# mpirun) leave the batch step's SLURM_PROCID=0 in every process, so their own variables
+# must win over SLURM's.
+LAUNCHERS = (
+    Launcher("openmpi", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+             "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    Launcher("mvapich", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK",
+             "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    Launcher("pmi", "PMI_SIZE", "PMI_RANK", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    # SLURM_STEP_NUM_TASKS exists only inside an srun step: a batch script or an ssh session
+    # on an allocated node has SLURM_NTASKS too but is a single process (jax#30073).
+    Launcher("slurm", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID",
+             "SLURM_STEP_TASKS_PER_NODE"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
-  source: str
+  """What initialize() does. None fields are left to JAX's own cluster detection."""
+  source: str  # flags, bv_env, auto, tpu, openmpi, mvapich, pmi, slurm, none.
   coordinator_address: Optional[str] = None
   num_processes: Optional[int] = None
   process_id: Optional[int] = None
-  local_device_ids: Optional[Sequence[int]] = None
+  local_device_ids: Optional[Tuple[int, ...]] = None
+
+  @property
+  def multi_process(self) -> bool:
+    return self.source != "none"
+
+  @property
+  def complete(self) -> bool:
+    """All of coordinator, count and id are known: JAX need not detect anything."""
+    return None not in (self.coordinator_address, self.num_processes, self.process_id)
 
 
-def _rank(env):
-  for var in RANK_VARS:
-    if env.get(var, "") != "":
-      return int(env[var])
+def _int(env, var) -> Optional[int]:
+  value = env.get(var, "")
+  if value == "":
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"{var}={value!r} is not an integer") from None
+
+
+def _device_ids(value, what) -> Optional[Tuple[int, ...]]:
+  if value is None or value == "":
+    return None
+  if isinstance(value, int):
+    return (value,)
+  try:
+    return tuple(int(i) for i in (value.split(",") if isinstance(value, str) else value))
+  except ValueError:
+    raise ValueError(f"{what}={value!r} is not a comma-separated list of integers") from None
+
+
+def _launcher(env) -> Optional[Launcher]:
+  """The launcher that started several processes, if any."""
+  for launcher in LAUNCHERS:
+    size = _int(env, launcher.size)
+    if size is not None and size > 1 and env.get(launcher.rank, "") != "":
+      return launcher
   return None
 
 
-def plan(env: Mapping[str, str], coordinator_address=None, num_processes=None,
-         process_id=None, local_device_ids=None) -> Plan:
-  """Decides how to initialise from the environment and explicit settings (pure)."""
-  if coordinator_address or num_processes or process_id is not None:
-    missing = [n for n, v in (("coordinator_address", coordinator_address),
-                              ("num_processes", num_processes),
-                              ("process_id", process_id)) if v is None]
+def first_host(nodelist: str) -> str:
+  """First host of a SLURM node list: "gpu-[07-09,12],cpu1" -> "gpu-07"."""
+  depth, end = 0, len(nodelist)
+  for i, ch in enumerate(nodelist):  # The first entry ends at a comma outside brackets.
+    depth += {"[": 1, "]": -1}.get(ch, 0)
+    if ch == "," and depth == 0:
+      end = i
+      break
+  entry = nodelist[:end].strip()
+  # Every bracketed range list contributes its first value ("rack[1-2]-n[01-04]": rack1-n01).
+  host = re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], entry)
+  if not host or "[" in host or "]" in host:
+    raise ValueError(f"cannot read the first host of the SLURM node list {nodelist!r}")
+  return host
+
+
+def _slurm_coordinator(env) -> Optional[str]:
+  nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+  job_id = _int(env, "SLURM_JOB_ID")
+  if not nodelist or job_id is None:
+    return None
+  port = env.get("JAX_COORDINATOR_PORT") or env.get("MASTER_PORT")
+  if not port:
+    # Same port as JAX's SLURM detection: one in [61440, 65535] that differs between jobs.
+    port = str(job_id % 2**12 + 65535 - 2**12 + 1)
+  return f"{first_host(nodelist)}:{port}"
+
+
+def _local_device_ids(env, launcher: Launcher) -> Optional[Tuple[int, ...]]:
+  """This process's accelerator when a node runs several processes that all see all of them.
+
+  JAX's own SLURM/MPI detection always restricts a process to device [local rank], which
+  leaves all but one GPU idle with one process per node (jax#16788) and picks a wrong
+  device when the launcher already gave each process its own (CUDA_VISIBLE_DEVICES=3).
+  """
+  local_rank = _int(env, launcher.local_rank)
+  if local_rank is None:
+    return None
+  local_size = env.get(launcher.local_size, "")
+  if launcher.name == "slurm":  # "4(x3)" or "2,1": tasks on each node; any above one counts.
+    counts = [int(c) for c in re.findall(r"(\d+)(?:\(x\d+\))?", local_size)]
+    per_node = max(counts) if counts else 1
+  else:
+    per_node = int(local_size) if local_size.isdigit() else 1
+  if per_node <= 1:
+    return None
+  for var in ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
+    visible = env.get(var)
+    if visible is not None and len([d for d in visible.split(",") if d]) < per_node:
+      return None  # The launcher bound devices to processes itself.
+  return (local_rank,)
+
+
+def _from_env(env: Mapping[str, str]) -> Plan:
+  mode = env.get(MODE_VAR, "").strip().lower()
+  if mode not in ("", "auto", "off"):
+    raise ValueError(f"{MODE_VAR}={env[MODE_VAR]!r}: use 'auto' (JAX detects the cluster) or "
+                     "'off' (single process)")
+  if mode == "off":
+    return Plan("none")
+  launcher = _launcher(env)
+
+  if env.get(COORDINATOR_VAR):
+    num = _int(env, NUM_PROCESSES_VAR)
+    pid = _int(env, PROCESS_ID_VAR)
+    if launcher is not None:
+      launched = _int(env, launcher.size)
+      if num is not None and num != launched:
+        raise ValueError(f"{NUM_PROCESSES_VAR}={num} but the launcher started "
+                         f"{launcher.size}={launched} processes")
+      num = launched if num is None else num
+      pid = _int(env, launcher.rank) if pid is None else pid
+    missing = [v for v, x in ((NUM_PROCESSES_VAR, num), (PROCESS_ID_VAR, pid)) if x is None]
     if missing:
-      raise ValueError(f"explicit multi-process settings need all three; missing: "
-                       f"{', '.join(missing)}")
-    return Plan("flags", coordinator_address, int(num_processes), int(process_id),
-                local_device_ids)
-  if env.get("BV_COORDINATOR_ADDRESS"):
-    rank = _rank(env)
-    if rank is None or not env.get("BV_NUM_PROCESSES"):
-      raise ValueError("BV_COORDINATOR_ADDRESS is set but BV_NUM_PROCESSES or a process id "
-                       f"({', '.join(RANK_VARS)}) is missing")
-    ids = env.get("BV_LOCAL_DEVICE_IDS")
-    return Plan("bv_env", env["BV_COORDINATOR_ADDRESS"], int(env["BV_NUM_PROCESSES"]), rank,
-                [int(i) for i in ids.split(",")] if ids else local_device_ids)
-  if env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_ACCELERATOR_TYPE"):
-    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    if len(hosts) > 1 or not hosts:  # A pod slice (or unknown): JAX reads the metadata.
-      return Plan("tpu")
-  if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
-    return Plan("slurm")
-  for var in SIZE_VARS:
-    if int(env.get(var, "1")) > 1:
-      if not env.get("MASTER_ADDR"):
-        raise ValueError(f"{var}={env[var]} processes but no coordinator: set MASTER_ADDR "
-                         "(and MASTER_PORT), or use ibrun.sh which sets them")
-      address = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '12355')}"
-      return Plan("mpi", address, int(env[var]), _rank(env))
-  return Plan("none")
+      raise ValueError(f"{COORDINATOR_VAR}={env[COORDINATOR_VAR]} is set but "
+                       f"{' and '.join(missing)} is not, and no launcher rank variable "
+                       f"({', '.join(l.rank for l in LAUNCHERS)}) says it")
+    ids = _device_ids(env.get(LOCAL_DEVICE_IDS_VAR), LOCAL_DEVICE_IDS_VAR)
+    return Plan("bv_env", env[COORDINATOR_VAR], num, pid, ids)
+
+  if mode == "auto":
+    return Plan("auto")
+  tpu_hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+  if len([h for h in tpu_hosts.split(",") if h]) > 1:
+    return Plan("tpu")
+  if launcher is None:
+    return Plan("none")
+
+  num, pid = _int(env, launcher.size), _int(env, launcher.rank)
+  ids = _local_device_ids(env, launcher)
+  if env.get("MASTER_ADDR"):
+    coordinator = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT') or DEFAULT_PORT}"
+  elif env.get("SLURM_STEP_NODELIST"):  # srun started us, possibly through PMI: same hosts.
+    coordinator = _slurm_coordinator(env)
+  elif env.get("OMPI_MCA_orte_hnp_uri"):  # Open MPI's mpirun: JAX reads its address.
+    coordinator = None
+  else:
+    raise ValueError(f"{launcher.size}={num} processes but no coordinator: set MASTER_ADDR "
+                     f"(and MASTER_PORT, default {DEFAULT_PORT}) to process 0's host, or "
+                     "start through ibrun.sh, which sets BV_COORDINATOR_ADDRESS")
+  return Plan(launcher.name, coordinator, num, pid, ids)
 
 
-_STARTED = None
+def plan(env: Mapping[str, str], coordinator_address: Optional[str] = None,
+         num_processes: Optional[int] = None, process_id: Optional[int] = None,
+         local_device_ids: Optional[Sequence[int]] = None) -> Plan:
+  """Decides how to start JAX's distributed runtime; reads nothing but its arguments.
+
+  Explicit arguments win over the environment, field by field. Raises ValueError, naming
+  the bad value, when the settings are contradictory or incomplete.
+  """
+  ids = _device_ids(local_device_ids, "local_device_ids")
+  explicit = (coordinator_address, num_processes, process_id)
+  try:
+    from_env = _from_env(env)
+  except ValueError:
+    if None in explicit:  # The environment was needed after all.
+      raise
+    from_env = Plan("none")  # Fully explicit: a confusing environment does not matter.
+  if explicit == (None, None, None):
+    return dataclasses.replace(from_env, local_device_ids=ids) if ids else from_env
+  result = Plan(
+      "flags",
+      coordinator_address if coordinator_address is not None else from_env.coordinator_address,
+      int(num_processes) if num_processes is not None else from_env.num_processes,
+      int(process_id) if process_id is not None else from_env.process_id,
+      ids or from_env.local_device_ids)
+  # Under a TPU pod or an Open MPI mpirun JAX can fill in the rest; elsewhere nothing can.
+  if not result.complete and from_env.source not in ("auto", "tpu", "openmpi"):
+    missing = [name for name, value in (("coordinator_address", result.coordinator_address),
+                                        ("num_processes", result.num_processes),
+                                        ("process_id", result.process_id)) if value is None]
+    raise ValueError(f"explicit multi-process settings are incomplete (environment: "
+                     f"{from_env.source}); missing: {', '.join(missing)}")
+  if result.num_processes is not None and result.num_processes < 1:
+    raise ValueError(f"num_processes={result.num_processes} must be at least 1")
+  if result.complete and not 0 <= result.process_id < result.num_processes:
+    raise ValueError(f"process_id={result.process_id} is not in [0, "
+                     f"num_processes={result.num_processes})")
+  return result
 
 
-def initialize(coordinator_address=None, num_processes=None, process_id=None,
-               local_device_ids=None, env=None) -> Plan:
-  """Starts jax.distributed per plan(); returns the plan. Safe to call more than once."""
-  global _STARTED
-  if _STARTED is not None:
-    return _STARTED
-  p = plan(os.environ if env is None else env, coordinator_address, num_processes,
-           process_id, local_device_ids)
-  if p.source != "none":
-    # CPU collectives across processes need gloo; harmless on accelerators.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if p.source in ("tpu", "slurm"):
-      jax.distributed.initialize()
-    else:
-      jax.distributed.initialize(p.coordinator_address, p.num_processes, p.process_id,
-                                 local_device_ids=p.local_device_ids)
-  _STARTED = p
+_started: Optional[Plan] = None
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None,
+               local_device_ids: Optional[Sequence[int]] = None) -> Plan:
+  """Starts jax.distributed per plan(os.environ, ...) and returns the plan.
+
+  Call it before any other JAX call. Later calls return the first plan, unless they ask
+  for a different multi-process set-up, which is an error: the runtime starts only once.
+  """
+  global _started
+  p = plan(os.environ, coordinator_address, num_processes, process_id, local_device_ids)
+  if _started is not None:
+    if p.multi_process and p != _started:
+      raise RuntimeError(f"distributed runtime already set up as {_started}; cannot redo it "
+                         f"as {p}")
+    return _started
+  already = getattr(jax.distributed, "is_initialized", lambda: False)()
+  if p.multi_process and already:
+    p = Plan("external")  # Someone called jax.distributed.initialize already: keep theirs.
+  elif p.multi_process:
+    # Cross-process computations on the CPU backend need a collectives library; gloo works
+    # on these machines (and is JAX's default since 0.4.3x; older versions had none).
+    # Accelerator backends ignore the setting. A user's explicit choice (e.g. mpi) stays.
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if p.complete:
+      # Nothing left to detect; also stops JAX from adding local_device_ids of its own.
+      kwargs["cluster_detection_method"] = "deactivate"
+    logging.info("Starting JAX distributed runtime: %s", p)
+    jax.distributed.initialize(p.coordinator_address, p.num_processes, p.process_id,
+                               local_device_ids=p.local_device_ids, **kwargs)
+  _started = p
   return p

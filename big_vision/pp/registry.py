@@ -9,6 +9,8 @@ string from a config file cannot run code.
 import ast
 from typing import Any, Callable
 
+from big_vision import config_parsing
+
 # name -> factory. A factory takes the op's arguments and returns a function
 # that maps an example dict to a new example dict.
 _OPS: dict[str, Callable[..., Callable[[dict], dict]]] = {}
@@ -44,23 +46,7 @@ def lookup(name: str) -> Callable[..., Callable[[dict], dict]]:
 
 def split_pp_string(pp_string: str) -> list[str]:
   """Splits at top-level `|`, i.e. not inside quotes or brackets."""
-  specs, current, depth, quote = [], [], 0, None
-  for ch in pp_string:
-    if quote:  # Inside a string literal, only its closing quote matters.
-      quote = None if ch == quote else quote
-    elif ch in "\"'":
-      quote = ch
-    elif ch in "([{":
-      depth += 1
-    elif ch in ")]}":
-      depth -= 1
-    elif ch == "|" and depth == 0:
-      specs.append("".join(current))
-      current = []
-      continue
-    current.append(ch)
-  specs.append("".join(current))
-  specs = [s.strip() for s in specs]
+  specs = config_parsing.split_top_level(pp_string, sep="|")
   if any(not s for s in specs):
     raise ValueError(f"Empty op in preprocessing string {pp_string!r} "
                      "(look for a doubled or trailing '|').")
