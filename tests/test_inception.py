@@ -1,0 +1,85 @@
+"""The Inception FID network and its weights: loader checks, name mapping, outputs."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_vision.evaluators import feature_nets
+from big_vision.models import inception
+from big_vision.tools import convert_inception_weights as convert
+
+
+def test_parameter_count_matches_inception_v3():
+  shapes = inception.expected_shapes()
+  total = sum(int(np.prod(s)) for k, s in shapes.items()
+              if not k.endswith(("/mean", "/var")))
+  # Inception-v3 has 23.8M weights (with the 1008-way head, ~23.9M).
+  assert 23.5e6 < total < 24.2e6, total
+  assert shapes["Conv2d_1a_3x3/conv/kernel"] == (3, 3, 3, 32)
+  assert shapes["fc/kernel"] == (2048, 1008)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+  return inception.make_random_weights(str(tmp_path_factory.mktemp("inc") / "w.npz"))
+
+
+def test_network_outputs_on_made_weights(weights):
+  net = feature_nets.load("inception", weights)
+  assert net.metric_suffix == ""  # Only the real network gives plain "fid".
+  images = jax.random.uniform(jax.random.PRNGKey(0), (3, 28, 28, 1), minval=-1, maxval=1)
+  feats, probs = net(np.asarray(images))
+  assert feats.shape == (3, 2048) and probs.shape == (3, 1008)
+  np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+  assert (feats >= 0).all() and feats.std() > 0  # Post-ReLU pool features, not constant.
+  again, _ = net(np.asarray(images))
+  np.testing.assert_array_equal(feats, again)
+
+
+def test_loader_rejects_missing_and_misshaped(tmp_path, weights):
+  with np.load(weights) as data:
+    flat = {k: data[k] for k in data.files}
+  broken = dict(flat)
+  del broken["Mixed_7c/branch_pool/conv/kernel"]
+  np.savez(tmp_path / "missing.npz", **broken)
+  with pytest.raises(ValueError, match="missing: Mixed_7c/branch_pool/conv/kernel"):
+    inception.load_fid_weights(str(tmp_path / "missing.npz"))
+  broken = dict(flat, **{"fc/bias": np.zeros(1000)})
+  np.savez(tmp_path / "shape.npz", **broken)
+  with pytest.raises(ValueError, match="wrong shape: fc/bias"):
+    inception.load_fid_weights(str(tmp_path / "shape.npz"))
+  with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
+    inception.load_fid_weights(str(tmp_path / "nope.npz"))
+
+
+def test_torch_name_mapping_round_trip(tmp_path, weights):
+  with np.load(weights) as data:
+    flat = {k: data[k] for k in data.files}
+  # Build the state dict pytorch-fid would have, then convert it back.
+  state = {}
+  for k, v in flat.items():
+    parts = k.split("/")
+    if parts[-1] == "kernel" and parts[0] != "fc":
+      state[".".join(parts[:-1] + ["weight"])] = v.transpose(3, 2, 0, 1)
+    elif parts[0] == "fc":
+      state["fc." + ("weight" if parts[-1] == "kernel" else "bias")] = (
+          v.T if parts[-1] == "kernel" else v)
+    else:
+      torch_name = {"scale": "weight", "bias": "bias", "mean": "running_mean",
+                    "var": "running_var"}[parts[-1]]
+      state[".".join(parts[:-1] + ["bn", torch_name])] = v
+      state[".".join(parts[:-1] + ["bn", "num_batches_tracked"])] = np.array(0)
+  assert convert.torch_name_to_flax("Conv2d_1a_3x3.conv.weight", np.zeros((32, 3, 3, 3)))[
+      1].shape == (3, 3, 3, 32)
+  out = convert.convert(state, str(tmp_path / "converted.npz"))
+  with np.load(out) as data:
+    for k, v in flat.items():
+      np.testing.assert_array_equal(data[k], v)
+  assert convert.torch_name_to_flax("AuxLogits.fc.weight", np.zeros((2, 2))) == (None, None)
+  with pytest.raises(ValueError, match="unexpected entry 'Mixed_5b.branch1x1.conv.bias'"):
+    convert.torch_name_to_flax("Mixed_5b.branch1x1.conv.bias", np.zeros(2))
+
+
+def test_avg_pool_excludes_padding():
+  x = jnp.ones((1, 4, 4, 1))
+  np.testing.assert_allclose(inception.avg_pool_exclude_pad(x), 1.0)  # Corners too.
