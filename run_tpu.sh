@@ -28,7 +28,7 @@
 set -euo pipefail
 
 usage() {  # The header comment above, without the shebang and the leading "# ".
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
 }
 
 die_usage() {
@@ -63,7 +63,7 @@ while [ $# -gt 0 ]; do
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
     --tpu|--zone|--project|--tfds-data-dir|--repo-dir)
-      if [ $# -lt 2 ] || [ -z "$2" ]; then die_usage "$1 needs a value"; fi ;;
+      if [ $# -lt 2 ] || [ -z "$2" ] || [ "$2" = "--" ]; then die_usage "$1 needs a value"; fi ;;
     *) die_usage "unknown option '$1' (trainer arguments go after --)" ;;
   esac
   case "$1" in

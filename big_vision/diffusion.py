@@ -27,7 +27,8 @@ def _check_count(name, value, upper=None):
     ok = value <= upper
   if not ok:
     allowed = "an int >= 1" if upper is None else f"an int in [1, {upper}]"
-    raise ValueError(f"{name}={value!r} must be {allowed}")
+    shown = repr(value) if isinstance(value, str) else value  # np.int64(3) reads as 3.
+    raise ValueError(f"{name}={shown} must be {allowed}")
   return int(value)
 
 
@@ -88,7 +89,7 @@ class GaussianDiffusion:
       raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
     bad = np.flatnonzero(~((betas > 0) & (betas < 1)))
     if bad.size:
-      raise ValueError(f"betas must lie in (0, 1); betas[{bad[0]}]={betas[bad[0]]!r}")
+      raise ValueError(f"betas must lie in (0, 1); betas[{bad[0]}]={float(betas[bad[0]])}")
     n = betas.size
     if timestep_map is None:
       timestep_map = np.arange(n)

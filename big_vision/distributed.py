@@ -20,7 +20,9 @@ first match wins:
             step); the coordinator from MASTER_ADDR[:MASTER_PORT], else the first host of
             the srun step (SLURM_STEP_NODELIST, else SLURM_JOB_NODELIST) on a port derived
             from the job id the way JAX's own SLURM detection does, else (Open MPI's mpirun)
-            JAX's reading of OMPI_MCA_orte_hnp_uri.
+            mpirun's own address from OMPI_MCA_orte_hnp_uri, as JAX's detection reads it.
+            JAX's detection itself is not used here: it would also pin every process to
+            the one GPU at its local rank, even with one process per node (jax#16788).
   none      a single plain process (or BV_DISTRIBUTED=off): nothing to start.
 """
 import dataclasses
@@ -70,7 +72,7 @@ LAUNCHERS = (
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What initialize() does. None fields are left to JAX's own cluster detection."""
-  source: str  # flags, bv_env, auto, tpu, openmpi, mvapich, pmi, slurm, none.
+  source: str  # flags, bv_env, auto, tpu, openmpi, mvapich, pmi, slurm, external, none.
   coordinator_address: Optional[str] = None
   num_processes: Optional[int] = None
   process_id: Optional[int] = None
@@ -132,16 +134,32 @@ def first_host(nodelist: str) -> str:
   return host
 
 
-def _slurm_coordinator(env) -> Optional[str]:
-  nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
-  job_id = _int(env, "SLURM_JOB_ID")
-  if not nodelist or job_id is None:
-    return None
-  port = env.get("JAX_COORDINATOR_PORT") or env.get("MASTER_PORT")
-  if not port:
-    # Same port as JAX's SLURM detection: one in [61440, 65535] that differs between jobs.
-    port = str(job_id % 2**12 + 65535 - 2**12 + 1)
-  return f"{first_host(nodelist)}:{port}"
+def _job_port(env, job_id: int) -> str:
+  """The coordinator port: MASTER_PORT or JAX_COORDINATOR_PORT if set, else the one JAX's
+  own cluster detection picks, in [61440, 65535] and different for neighbouring jobs."""
+  return (env.get("MASTER_PORT") or env.get("JAX_COORDINATOR_PORT")
+          or str(job_id % 2**12 + 65535 - 2**12 + 1))
+
+
+def _slurm_coordinator(env) -> str:
+  """Process 0 runs on the first host of the srun step."""
+  nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
+  return f"{first_host(nodelist)}:{_job_port(env, _int(env, 'SLURM_JOB_ID') or 0)}"
+
+
+def _open_mpi_coordinator(env) -> str:
+  """Open MPI's mpirun runs on process 0's host (with its default mapping) and tells every
+  process its address: "1531576320.0;tcp://10.96.0.1,10.148.0.1:34911"."""
+  uri = env["OMPI_MCA_orte_hnp_uri"]
+  job = re.match(r"(\d+)\.", uri)
+  ipv4 = re.search(r"tcp://([^,:]+)", uri)
+  ipv6 = re.search(r"tcp6://\[([^,\]]+)", uri)
+  if job is None or (ipv4 or ipv6) is None:
+    raise ValueError(f"cannot read mpirun's address from OMPI_MCA_orte_hnp_uri={uri!r}; "
+                     "set MASTER_ADDR")
+  host = ipv4.group(1) if ipv4 else f"[{ipv6.group(1)}]"
+  job_id = int(job.group(1)) // 2**12  # Open MPI job ids are multiples of 2**12.
+  return f"{host}:{_job_port(env, job_id)}"
 
 
 def _local_device_ids(env, launcher: Launcher) -> Optional[Tuple[int, ...]]:
@@ -210,8 +228,8 @@ def _from_env(env: Mapping[str, str]) -> Plan:
     coordinator = f"{env['MASTER_ADDR']}:{env.get('MASTER_PORT') or DEFAULT_PORT}"
   elif env.get("SLURM_STEP_NODELIST"):  # srun started us, possibly through PMI: same hosts.
     coordinator = _slurm_coordinator(env)
-  elif env.get("OMPI_MCA_orte_hnp_uri"):  # Open MPI's mpirun: JAX reads its address.
-    coordinator = None
+  elif launcher.name == "openmpi" and env.get("OMPI_MCA_orte_hnp_uri"):
+    coordinator = _open_mpi_coordinator(env)
   else:
     raise ValueError(f"{launcher.size}={num} processes but no coordinator: set MASTER_ADDR "
                      f"(and MASTER_PORT, default {DEFAULT_PORT}) to process 0's host, or "
@@ -243,8 +261,8 @@ def plan(env: Mapping[str, str], coordinator_address: Optional[str] = None,
       int(num_processes) if num_processes is not None else from_env.num_processes,
       int(process_id) if process_id is not None else from_env.process_id,
       ids or from_env.local_device_ids)
-  # Under a TPU pod or an Open MPI mpirun JAX can fill in the rest; elsewhere nothing can.
-  if not result.complete and from_env.source not in ("auto", "tpu", "openmpi"):
+  # On TPUs JAX can fill in the rest; elsewhere nothing can.
+  if not result.complete and from_env.source not in ("auto", "tpu"):
     missing = [name for name, value in (("coordinator_address", result.coordinator_address),
                                         ("num_processes", result.num_processes),
                                         ("process_id", result.process_id)) if value is None]

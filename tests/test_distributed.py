@@ -71,10 +71,15 @@ def test_open_mpi():
   assert _fields(distributed.plan(env)) == ("openmpi", "n3:999", 4, 2, None)
   no_port = {k: v for k, v in env.items() if k != "MASTER_PORT"}
   assert distributed.plan(no_port).coordinator_address == "n3:12355"
-  # Without MASTER_ADDR, mpirun's own URI tells JAX the coordinator.
+  # Without MASTER_ADDR, mpirun's own address (where process 0 runs), on JAX's port for it.
   uri = {k: v for k, v in env.items() if not k.startswith("MASTER")}
-  uri["OMPI_MCA_orte_hnp_uri"] = "1531576320.0;tcp://10.96.0.1:34911"
-  assert _fields(distributed.plan(uri)) == ("openmpi", None, 4, 2, None)
+  uri["OMPI_MCA_orte_hnp_uri"] = "1531576320.0;tcp://10.96.0.1,10.148.0.1:34911"
+  assert _fields(distributed.plan(uri)) == ("openmpi", "10.96.0.1:62624", 4, 2, None)
+  uri["OMPI_MCA_orte_hnp_uri"] = "1314521088.0;tcp6://[fe80::b9b:ac5d,2620:10d::2]:43370"
+  assert distributed.plan(uri).coordinator_address == "[fe80::b9b:ac5d]:62880"
+  uri["OMPI_MCA_orte_hnp_uri"] = "garbage"
+  with pytest.raises(ValueError, match="OMPI_MCA_orte_hnp_uri='garbage'"):
+    distributed.plan(uri)
   # mpirun inside a SLURM batch script: the batch step's SLURM_PROCID=0 must not win.
   batch = dict(env, SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_NTASKS="4")
   assert distributed.plan(batch).process_id == 2

@@ -1,107 +1,273 @@
-"""run_tpu.sh and ibrun.sh: shellcheck-clean, and their --dry-run commands."""
+"""run_tpu.sh and ibrun.sh: shellcheck-clean, usage errors, and the commands --dry-run
+prints under fake clusters (fake srun/ibrun/mpirun/scontrol on PATH, fake SLURM/PBS env)."""
 import os
 import shlex
 import shutil
 import stat
 import subprocess
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINER = ["--config", "configs/ae_i1k.py:variant=B/4,size=64", "--workdir", "/tmp/w x"]
-
-
-@pytest.mark.parametrize("script", ["run_tpu.sh", "ibrun.sh"])
-def test_shellcheck(script):
-  if shutil.which("shellcheck") is None:
-    pytest.skip("shellcheck is not installed (CI installs it with apt-get)")
-  out = subprocess.run(["shellcheck", os.path.join(ROOT, script)], capture_output=True,
-                       text=True)
-  assert out.returncode == 0, out.stdout
+# Commas, slashes, spaces, quotes and an empty word must all reach the trainer as they are.
+TRAINER = ["--config", "configs/ae_i1k.py:variant=B/4,size=64", "--workdir", "/tmp/w x",
+           "--config.note=it's $HOME", ""]
+CLUSTER_VARS = ("SLURM", "PBS", "TFDS", "OMPI", "PMI", "MV2", "BV_", "CUDA_VISIBLE", "PYTHON")
 
 
 def _run(script, args, env_extra=None, path_dir=None):
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "PBS", "TFDS"))}
+  env = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_VARS)}
   env.update(env_extra or {})
-  if path_dir:
+  if path_dir:  # Only the fakes and the basic tools: no real launcher can leak in.
     env["PATH"] = f"{path_dir}:/usr/bin:/bin"
   return subprocess.run(["bash", os.path.join(ROOT, script)] + args, capture_output=True,
-                        text=True, env=env, cwd=ROOT)
+                        text=True, env=env, cwd=ROOT, timeout=60)
 
 
-def _fake_bin(tmp_path, name, body="exit 0"):
-  path = tmp_path / name
+def _fake_bin(directory, name, body="exit 0"):
+  path = directory / name
   path.write_text(f"#!/bin/bash\n{body}\n")
   path.chmod(path.stat().st_mode | stat.S_IEXEC)
+  return str(path)
 
 
-def test_run_tpu_dry_run(tmp_path):
-  out = _run("run_tpu.sh", ["--dry-run", "--tpu", "my-pod", "--zone", "us-central2-b",
-                            "--tfds-data-dir", "gs://data/tfds", "--"] + TRAINER)
+def _commands(stdout):
+  lines = stdout.splitlines()
+  assert lines and all(l.startswith("+ ") for l in lines), stdout
+  return [shlex.split(l[2:]) for l in lines]
+
+
+@pytest.mark.parametrize("script", ["run_tpu.sh", "ibrun.sh"])
+def test_shellcheck_clean(script):
+  if shutil.which("shellcheck") is None:
+    pytest.skip("shellcheck is not installed (CI installs it: apt-get install -y shellcheck)")
+  out = subprocess.run(["shellcheck", "--severity=style", os.path.join(ROOT, script)],
+                       capture_output=True, text=True)
+  assert out.returncode == 0, out.stdout
+
+
+@pytest.mark.parametrize("script", ["run_tpu.sh", "ibrun.sh"])
+def test_help(script):
+  for flag in ("-h", "--help"):
+    out = _run(script, [flag])
+    assert out.returncode == 0 and out.stdout.startswith("Runs a training"), out.stderr
+    assert f"Usage: {script} [--dry-run]" in out.stdout and "--" in out.stdout
+    assert "set -euo" not in out.stdout and "#" not in out.stdout.splitlines()[0]
+
+
+# run_tpu.sh
+
+
+def _tpu_dry_run(extra, env_extra=None):
+  out = _run("run_tpu.sh", ["--dry-run", "--tpu", "my-pod", "--zone", "us-central2-b"] + extra
+             + ["--"] + TRAINER, env_extra)
   assert out.returncode == 0, out.stderr
-  lines = out.stdout.splitlines()
-  assert all(l.startswith("+ ") for l in lines) and len(lines) == 4
-  words = [shlex.split(l[2:]) for l in lines]
-  assert words[0][0] == "git" and "archive" in words[0] and words[0][-1] == "HEAD"
-  assert words[1][:4] == ["gcloud", "compute", "tpus", "tpu-vm"] and "scp" in words[1]
-  assert "--worker=all" in words[1]
-  install = words[2][words[2].index("--command") + 1]
-  assert "pip install -q -r requirements.txt 'jax[tpu]'" in install
-  launch = words[3]
-  assert "--worker=all" in launch and launch[launch.index("--zone") + 1] == "us-central2-b"
+  return _commands(out.stdout)
+
+
+def test_run_tpu_dry_run_commands():
+  archive, scp, setup, launch = _tpu_dry_run(
+      ["--project", "my-proj", "--tfds-data-dir", "gs://data/tf ds"])
+  assert archive[:2] == ["git", "-C"] and archive[2] == ROOT and "archive" in archive
+  assert archive[-1] == "HEAD"
+  tarball = archive[archive.index("-o") + 1]
+  assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and scp[5] == tarball
+  assert scp[6] == "my-pod:big_vision.tar.gz"
+  for command in (scp, setup, launch):
+    assert "--worker=all" in command
+    assert command[command.index("--zone") + 1] == "us-central2-b"
+    assert command[command.index("--project") + 1] == "my-proj"
+  for command in (setup, launch):
+    assert command[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-pod"]
+  install = setup[setup.index("--command") + 1]
+  assert "tar xzf big_vision.tar.gz -C big_vision" in install
+  assert "python3 -m venv .venv" in install
+  assert ".venv/bin/pip install -q -r requirements.txt 'jax[tpu]'" in install
   remote = shlex.split(launch[launch.index("--command") + 1])
-  assert "TFDS_DATA_DIR=gs://data/tfds" in remote
-  # The trainer's arguments arrive verbatim on the workers (commas and spaces kept).
+  assert remote[:3] == ["cd", "big_vision", "&&"]
+  assert "BV_DISTRIBUTED=auto" in remote and "TFDS_DATA_DIR=gs://data/tf ds" in remote
   i = remote.index("big_vision.train")
-  assert remote[i + 1:] == TRAINER
+  assert remote[i - 2:i] == [".venv/bin/python", "-m"] and remote[i + 1:] == TRAINER
+
+
+def test_run_tpu_remote_command_runs_the_trainer_verbatim(tmp_path):
+  """The launch command, run by a real shell in a fake worker home, starts the trainer with
+  exactly the given arguments and TFDS_DATA_DIR."""
+  *_, launch = _tpu_dry_run(["--repo-dir", "my repo"], {"TFDS_DATA_DIR": "/data/tfds"})
+  assert "--project" not in launch  # gcloud's configured project.
+  venv_bin = tmp_path / "my repo" / ".venv" / "bin"
+  venv_bin.mkdir(parents=True)
+  _fake_bin(venv_bin, "python",
+            'printf "%s\\n" "$TFDS_DATA_DIR" "$BV_DISTRIBUTED"; printf "[%s]\\n" "$@"')
+  out = subprocess.run(["sh", "-c", launch[launch.index("--command") + 1]], cwd=tmp_path,
+                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.splitlines() == (["/data/tfds", "auto", "[-m]", "[big_vision.train]"]
+                                     + [f"[{a}]" for a in TRAINER])
 
 
 def test_run_tpu_usage_errors():
   out = _run("run_tpu.sh", ["--", "--workdir", "x"])
   assert out.returncode == 2 and "missing --tpu NAME --zone ZONE" in out.stderr
+  out = _run("run_tpu.sh", ["--tpu", "a", "--", "--workdir", "x"])
+  assert out.returncode == 2 and "missing --zone ZONE" in out.stderr
+  assert "--tpu NAME" not in out.stderr.splitlines()[0]
   out = _run("run_tpu.sh", ["--tpu", "a", "--zone", "b"])
-  assert out.returncode == 2 and "no trainer arguments" in out.stderr
+  assert out.returncode == 2 and "no trainer arguments after --" in out.stderr
+  out = _run("run_tpu.sh", ["--tpu", "a", "--zone"])
+  assert out.returncode == 2 and "--zone needs a value" in out.stderr
+  out = _run("run_tpu.sh", ["--tpu", "a", "--zone", "b", "--workdir", "x"])
+  assert out.returncode == 2 and "unknown option '--workdir'" in out.stderr
+  assert out.stdout == ""
 
 
-def test_ibrun_dry_run_slurm(tmp_path):
+# ibrun.sh
+
+
+def test_ibrun_srun_per_gpu_on_slurm(tmp_path):
   _fake_bin(tmp_path, "srun")
-  _fake_bin(tmp_path, "scontrol", 'printf "gpu-node-07\\ngpu-node-08\\ngpu-node-09\\n"')
+  _fake_bin(tmp_path, "mpirun")  # srun comes first.
+  _fake_bin(tmp_path, "scontrol",
+            '[ "$*" = "show hostnames gpu-node-[07-09]" ] && printf "gpu-node-07\\ngpu-node-08\\ngpu-node-09\\n"')
   out = _run("ibrun.sh", ["--dry-run", "--per-gpu", "--gpus-per-node", "4", "--"] + TRAINER,
              env_extra={"SLURM_JOB_NODELIST": "gpu-node-[07-09]", "SLURM_JOB_ID": "1"},
              path_dir=str(tmp_path))
   assert out.returncode == 0, out.stderr
-  assert "+ export BV_COORDINATOR_ADDRESS=gpu-node-07:12355" in out.stdout
-  assert "+ export BV_NUM_PROCESSES=12" in out.stdout
-  command = shlex.split(out.stdout.splitlines()[-1][2:])
-  assert command[:7] == ["srun", "--nodes", "3", "--ntasks", "12", "--ntasks-per-node", "4"]
-  assert "CUDA_VISIBLE_DEVICES" in command[command.index("-c") + 1]
-  assert "big_vision.train" in command and command[-len(TRAINER):] == TRAINER
+  *exports, command = _commands(out.stdout)
+  assert exports == [["export", "BV_COORDINATOR_ADDRESS=gpu-node-07:12355"],
+                     ["export", "BV_NUM_PROCESSES=12"],  # 3 nodes x 4 GPUs.
+                     ["export", f"PYTHONPATH={ROOT}"]]
+  assert command[:8] == ["srun", "--nodes", "3", "--ntasks", "12", "--ntasks-per-node", "4",
+                         "--kill-on-bad-exit=1"]
+  assert command[command.index("bash"):command.index("bash") + 2] == ["bash", "-c"]
+  assert command[-len(TRAINER) - 3:] == [f"{ROOT}/.venv/bin/python", "-m",
+                                         "big_vision.train"] + TRAINER
 
 
-def test_ibrun_prefers_ibrun_and_per_node(tmp_path):
-  for name in ("ibrun", "srun", "mpirun"):
+def _per_gpu_wrapper(env):
+  """Runs ibrun.sh's per-GPU wrapper like a launched process would; returns its GPU."""
+  out = _run("ibrun.sh", ["--dry-run", "--launcher", "srun", "--per-gpu", "--gpus-per-node",
+                          "2", "--", "x"])
+  command = _commands(out.stdout)[-1]
+  script = command[command.index("-c") + 1]
+  return subprocess.run(["bash", "-c", script, "per-gpu", "bash", "-c",
+                         'echo "$CUDA_VISIBLE_DEVICES"'], env=dict(env, PATH="/usr/bin:/bin"),
+                        capture_output=True, text=True)
+
+
+def test_ibrun_per_gpu_wrapper_picks_the_local_ranks_gpu():
+  assert _per_gpu_wrapper({"SLURM_LOCALID": "1"}).stdout == "1\n"
+  # An index into the GPUs the allocation made visible.
+  assert _per_gpu_wrapper({"SLURM_LOCALID": "1", "CUDA_VISIBLE_DEVICES": "4,6"}).stdout == "6\n"
+  # MPI's local rank beats the batch step's stale SLURM_LOCALID.
+  env = {"SLURM_LOCALID": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "2,3"}
+  assert _per_gpu_wrapper(env).stdout == "3\n"
+  out = _per_gpu_wrapper({"MV2_COMM_WORLD_LOCAL_RANK": "2", "CUDA_VISIBLE_DEVICES": "0,1"})
+  assert out.returncode != 0 and "local rank 2 but only CUDA_VISIBLE_DEVICES=0,1" in out.stderr
+
+
+def test_ibrun_processes_get_consistent_distributed_plans(tmp_path):
+  """ibrun.sh + a fake srun that starts the tasks as SLURM would + distributed.plan():
+  every process agrees on the coordinator and count, and ids are 0..N-1."""
+  _fake_bin(tmp_path, "scontrol", 'printf "c1\\nc2\\nc3\\n"')
+  _fake_bin(tmp_path, "srun", """
+while [ "$1" != --export=ALL ]; do case $1 in --ntasks) n=$2;; --ntasks-per-node) t=$2;; esac; shift; done; shift
+for ((i = 0; i < n; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$((i % t)) SLURM_STEP_NUM_TASKS=$n "$@" || exit 1
+done""")
+  python = _fake_bin(tmp_path, "python", (
+      f'exec {sys.executable} -c "import os, sys; '
+      'sys.modules[\'jax\'] = type(sys)(\'jax\'); from big_vision import distributed; '
+      'p = distributed.plan(os.environ); '
+      'print(p.coordinator_address, p.num_processes, p.process_id, '
+      'os.environ[\'CUDA_VISIBLE_DEVICES\'], sys.argv[1:])" "$@"'))
+  out = _run("ibrun.sh", ["--nodes", "2", "--per-gpu", "--gpus-per-node", "2", "--port", "4000",
+                          "--"] + TRAINER,
+             env_extra={"SLURM_JOB_NODELIST": "c[1-3]", "SLURM_JOB_ID": "9", "PYTHON": python},
+             path_dir=str(tmp_path))
+  assert out.returncode == 0, out.stderr
+  argv = str(["-m", "big_vision.train"] + TRAINER)
+  assert out.stdout.splitlines() == [f"c1:4000 4 {i} {i % 2} {argv}" for i in range(4)]
+
+
+def test_ibrun_prefers_ibrun_one_process_per_node(tmp_path):
+  for name in ("mpirun", "srun", "ibrun"):
     _fake_bin(tmp_path, name)
   _fake_bin(tmp_path, "hostname", "echo login1")
   out = _run("ibrun.sh", ["--dry-run", "--port", "4000", "--"] + TRAINER,
              path_dir=str(tmp_path))
   assert out.returncode == 0, out.stderr
-  assert "BV_COORDINATOR_ADDRESS=login1:4000" in out.stdout
-  assert out.stdout.splitlines()[-1].startswith("+ ibrun -n 1 ")
+  *exports, command = _commands(out.stdout)
+  assert ["export", "BV_COORDINATOR_ADDRESS=login1:4000"] in exports
+  assert ["export", "BV_NUM_PROCESSES=1"] in exports
+  assert command[:3] == ["ibrun", "-n", "1"] and command[-len(TRAINER):] == TRAINER
+  assert "CUDA_VISIBLE_DEVICES" not in out.stdout  # Per node: every process sees all GPUs.
+  # --launcher overrides the choice.
+  out = _run("ibrun.sh", ["--dry-run", "--launcher", "srun", "--"] + TRAINER,
+             path_dir=str(tmp_path))
+  assert _commands(out.stdout)[-1][0] == "srun"
 
 
 def test_ibrun_mpirun_with_pbs_nodefile(tmp_path):
   _fake_bin(tmp_path, "mpirun")
   nodefile = tmp_path / "nodes"
-  nodefile.write_text("n2\nn1\nn2\nn1\n")
-  out = _run("ibrun.sh", ["--dry-run", "--"] + TRAINER, env_extra={"PBS_NODEFILE": str(nodefile)},
+  nodefile.write_text("n2\nn2\nn1\nn1\nn3\nn3\n")  # One line per slot; n2 is process 0's.
+  out = _run("ibrun.sh", ["--dry-run", "--per-gpu", "--gpus-per-node", "2", "--"] + TRAINER,
+             env_extra={"PBS_NODEFILE": str(nodefile), "TFDS_DATA_DIR": "/d"},
              path_dir=str(tmp_path))
   assert out.returncode == 0, out.stderr
-  assert "BV_COORDINATOR_ADDRESS=n1:12355" in out.stdout and "BV_NUM_PROCESSES=2" in out.stdout
-  assert out.stdout.splitlines()[-1].startswith("+ mpirun -np 2 --map-by ppr:1:node")
+  *exports, command = _commands(out.stdout)
+  assert ["export", "BV_COORDINATOR_ADDRESS=n2:12355"] in exports
+  assert ["export", "BV_NUM_PROCESSES=6"] in exports
+  assert command[:5] == ["mpirun", "-np", "6", "--map-by", "ppr:2:node"]
+  forwarded = {command[i + 1] for i, w in enumerate(command) if w == "-x"}
+  assert {"BV_COORDINATOR_ADDRESS", "BV_NUM_PROCESSES", "PYTHONPATH", "PATH",
+          "TFDS_DATA_DIR"} <= forwarded
+  assert command[-len(TRAINER):] == TRAINER
 
 
-def test_ibrun_errors(tmp_path):
-  out = _run("ibrun.sh", ["--dry-run", "--"] + TRAINER, path_dir=str(tmp_path))
-  assert out.returncode == 2 and "none of ibrun, srun or mpirun" in out.stderr
-  out = _run("ibrun.sh", ["--launcher", "qsub", "--"] + TRAINER, path_dir=str(tmp_path))
-  assert out.returncode == 2 and "unknown launcher 'qsub'" in out.stderr
+def test_ibrun_hostfile_and_node_subset(tmp_path):
+  _fake_bin(tmp_path, "mpirun")
+  hostfile = tmp_path / "hosts"
+  hostfile.write_text("# our nodes\nh7 slots=4\nh8 slots=4\nh9\n")
+  out = _run("ibrun.sh", ["--dry-run", "--hostfile", str(hostfile), "--nodes", "2", "--"]
+             + TRAINER, path_dir=str(tmp_path))
+  assert out.returncode == 0, out.stderr
+  *exports, command = _commands(out.stdout)
+  assert ["export", "BV_COORDINATOR_ADDRESS=h7:12355"] in exports
+  assert ["export", "BV_NUM_PROCESSES=2"] in exports
+  assert command[:3] == ["mpirun", "-np", "2"]
+  assert command[command.index("--hostfile") + 1] == str(hostfile)
+
+
+def test_ibrun_slurm_without_scontrol_uses_this_host(tmp_path):
+  _fake_bin(tmp_path, "srun")
+  _fake_bin(tmp_path, "hostname", "echo node-a")
+  out = _run("ibrun.sh", ["--dry-run", "--"] + TRAINER, path_dir=str(tmp_path),
+             env_extra={"SLURM_JOB_NODELIST": "node-[a,b]", "SLURM_JOB_NUM_NODES": "2"})
+  assert out.returncode == 0, out.stderr
+  assert "+ export BV_COORDINATOR_ADDRESS=node-a:12355" in out.stdout
+  assert "+ export BV_NUM_PROCESSES=2" in out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--launcher", "qsub"], "unknown launcher 'qsub'; use ibrun, srun or mpirun"),
+    (["--launcher", "srun", "--nodes", "two"], "--nodes 'two' is not a positive integer"),
+    (["--launcher", "srun", "--nodes", "0"], "--nodes '0' is not a positive integer"),
+    (["--launcher", "srun", "--nodes", "3"], "--nodes 3 but this host has 1 host(s)"),
+    (["--launcher", "srun", "--port", "70000"], "--port '70000' is above 65535"),
+    (["--launcher", "srun", "--gpus-per-node", "-1"], "--gpus-per-node '-1' is not a positive"),
+    (["--launcher", "srun", "--per-gpu"], "--per-gpu needs --gpus-per-node"),
+    (["--launcher", "srun", "--hostfile", "/nonexistent"], "--hostfile '/nonexistent' cannot"),
+    (["--launcher", "srun", "--port"], "--port needs a value"),
+    (["--launcher", "srun", "--workdir", "x"], "unknown option '--workdir'"),
+    ([], "none of ibrun, srun or mpirun is on PATH; pass --launcher"),
+])
+def test_ibrun_usage_errors(tmp_path, args, message):
+  _fake_bin(tmp_path, "hostname", "echo login1")
+  out = _run("ibrun.sh", args + ["--"] + TRAINER, path_dir=str(tmp_path))
+  assert out.returncode == 2 and message in out.stderr, out.stderr
+  assert out.stdout == ""
+  out = _run("ibrun.sh", ["--launcher", "srun"], path_dir=str(tmp_path))
+  assert out.returncode == 2 and "no trainer arguments after --" in out.stderr
