@@ -90,14 +90,17 @@ class GaussianDiffusion:
     bad = np.flatnonzero(~((betas > 0) & (betas < 1)))
     if bad.size:
       raise ValueError(f"betas must lie in (0, 1); betas[{bad[0]}]={float(betas[bad[0]])}")
+    return cls._from_tables(betas, np.cumprod(1.0 - betas), timestep_map)
+
+  @classmethod
+  def _from_tables(cls, betas, ac, timestep_map):
+    """All tables from betas and their alphas_cumprod (passed in to keep respaced ones exact)."""
     n = betas.size
     if timestep_map is None:
       timestep_map = np.arange(n)
     timestep_map = np.array(timestep_map, dtype=np.int64)
     if timestep_map.shape != (n,):
       raise ValueError(f"timestep_map has shape {timestep_map.shape}, want ({n},)")
-
-    ac = np.cumprod(1.0 - betas)
     ac_prev = np.append(1.0, ac[:-1])
     post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
     # post_var[0] is 0; its log is clipped to the next value (as in improved-diffusion).
@@ -174,7 +177,8 @@ def respace(diffusion, sampling_timesteps):
   assert np.all(np.diff(kept) > 0), kept  # Spacing >= 1, so rounding keeps them distinct.
   ac = diffusion.alphas_cumprod[kept]
   betas = 1.0 - ac / np.append(1.0, ac[:-1])
-  return GaussianDiffusion.from_betas(betas, timestep_map=diffusion.timestep_map[kept])
+  # Kept alphas_cumprod as they are: cumprod(1 - betas) would lose digits where ac ~ 1e-9.
+  return GaussianDiffusion._from_tables(betas, ac.copy(), diffusion.timestep_map[kept])
 
 
 # Sampling. `t` below indexes `diffusion` (possibly respaced); the model sees

@@ -13,6 +13,8 @@ Latent UMD-L/2 at 256x256 on Stable-Diffusion VAE latents (32x32x4):
 
 Needs imagenet2012 prepared with TFDS in $TFDS_DATA_DIR (it cannot be downloaded here).
 """
+import os
+
 import ml_collections as mlc
 
 from big_vision import config_parsing
@@ -29,7 +31,8 @@ def get_config(arg=None):
   finetune = config_parsing.convert(
       "finetune", config_parsing.peek(arg, "finetune", "false"), False)
   defaults = dict(size=64, epochs=800.0, batch_size=1024, area_min=80, finetune=False,
-                  latent_diffusion=False, vae_weights="", fewshot_steps=10_000)
+                  latent_diffusion=False, vae_weights="", fewshot_steps=10_000,
+                  inception_weights="~/.cache/big_vision/inception_fid.npz")
   # MAE's pre-training batch is 4096; fine-tuning uses one recipe for every method.
   method_defaults = {"mae": dict(batch_size=4096)}
   if finetune:
@@ -69,6 +72,28 @@ def get_config(arg=None):
   config.diffusion = common.diffusion(arg, latent=arg.latent_diffusion)
   common.schedule_and_optimizer(config, arg)
   config.finetune = arg.finetune
-  config.fewshot_steps = arg.fewshot_steps
-  config.evals = mlc.ConfigDict()
+  config.eval_split = "validation"
+  config.evals = evals(config, arg)
   return config
+
+
+def evals(config, arg):
+  """The UMD paper's auto-evaluation: 100-shot probe every 10k steps (shots from the
+  first 100k training images), validation loss and reconstructions, and for
+  label-conditioned runs FID/IS of 10k samples (125 DDIM steps, guidance 1, 2 and 4)."""
+  result = mlc.ConfigDict()
+  result.fewshot = dict(
+      type="fewshot", every_steps=arg.fewshot_steps, train_split="train[:100000]",
+      test_split="validation", shots=(10, 25, 100),
+      features="representation" if config.no_noise_prob > 0 else "noised")
+  if config.no_noise_prob < 1:
+    result.val = dict(type="diffusion_loss", every_steps=25_000, max_examples=10_000)
+  if (config.mask_ratio_no_noise if config.no_noise_prob > 0 else config.mask_ratio) > 0:
+    result.reconstruction = dict(type="reconstruction", every_steps=25_000)
+  if config.no_noise_prob < 1 and arg.use_labels:
+    result.samples = dict(
+        type="sampling", every_steps=25_000, num_samples=10_000, batch_size=250,
+        guidance_scales=(1.0, 2.0, 4.0), reference_split="validation", floor_split="train",
+        max_reference=50_000,
+        feature_net=dict(kind="inception", weights=os.path.expanduser(arg.inception_weights)))
+  return result

@@ -144,3 +144,14 @@ def test_cli_overrides():
     config_cli.load_from_argv(["--config=configs/ae_i1k.py", "--config.mask_ratio=half"])
   with pytest.raises(ConfigError, match=r"does not exist"):
     config_cli.load_from_argv(["--config=configs/nope.py"])
+
+
+def test_i1k_evals_follow_the_method():
+  umd = ae_i1k.get_config("")
+  assert set(umd.evals) == {"fewshot", "val", "reconstruction"}
+  assert umd.evals.fewshot.every_steps == 10_000 and umd.evals.fewshot.shots == (10, 25, 100)
+  assert ae_i1k.get_config("method=dit").evals.fewshot.features == "noised"
+  assert "val" not in ae_i1k.get_config("method=mae").evals
+  finetune = ae_i1k.get_config("finetune=True")
+  assert finetune.evals.samples.guidance_scales == (1.0, 2.0, 4.0)
+  assert finetune.evals.samples.feature_net.kind == "inception"

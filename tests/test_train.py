@@ -163,6 +163,8 @@ def test_imagenet_config_two_steps_on_mock_data(tmp_path):
   config.input.data.data_dir = str(tmp_path / "tfds")
   config.input.data.split = "train"
   config.input.shuffle_buffer_size = 16
+  assert set(config.evals) == {"fewshot", "val", "reconstruction"}
+  config.evals = ml_collections.ConfigDict()  # 1000 classes of 64 mock images: no probe.
   train.check_trainable(config)
   with tfds.testing.mock_data(num_examples=64, data_dir=str(tmp_path / "tfds"),
                               policy=tfds.testing.MockPolicy.USE_FILES):
