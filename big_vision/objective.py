@@ -59,7 +59,7 @@ def drop_labels(labels, keys, rate, null_label):
 
 def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_noise_prob,
              mask_ratio, mask_ratio_no_noise, grid, patch_size, mask_block_size=None,
-             label_dropout=0.0, null_label=None):
+             label_dropout=0.0, null_label=None, one_call=True):
   """Returns (loss, metrics) for one batch.
 
   Args:
@@ -73,6 +73,9 @@ def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_no
     grid, patch_size: the model's patch grid, to make masks and pixel masks.
     mask_block_size: block-wise masking (MaskDM) when set, else random masking.
     label_dropout, null_label: classifier-free guidance training.
+    one_call: both branches in one model call (the encoder runs per branch, the decoder
+      once over the whole batch); False: a call per branch, the straightforward way,
+      which computes the same (tests/test_objective.py) a little slower.
   """
   b = images.shape[0]
   n_clean, n_noised = split_sizes(b, no_noise_prob)
@@ -82,26 +85,41 @@ def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_no
   num_tokens = grid[0] * grid[1]
   masks = lambda sl, ratio: masking_lib.per_example(key_mask[sl], num_tokens, ratio, grid,
                                                     mask_block_size)
-  take = lambda x, sl: None if x is None else x[sl]
-  metrics, loss = {}, 0.0
-
+  # The model's inputs, branch by branch: clean images first, then noised ones.
+  inputs, steps, maskings, noise = [], [], [], None
   if n_clean:
-    sl = slice(0, n_clean)
-    x0 = images[sl]
-    out = apply_fn(params, x0, jnp.zeros((n_clean,), jnp.int32), take(labels, sl),
-                   masking=masks(sl, mask_ratio_no_noise))
-    clean = clean_branch_loss(out, x0, grid, patch_size, any_masked=mask_ratio_no_noise > 0)
+    inputs.append(images[:n_clean])
+    steps.append(jnp.zeros((n_clean,), jnp.int32))
+    maskings.append(masks(slice(0, n_clean), mask_ratio_no_noise))
+  if n_noised:
+    x0 = images[n_clean:]
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, diffusion.num_timesteps))(
+        key_t[n_clean:])
+    noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(key_eps[n_clean:])
+    inputs.append(diffusion.q_sample(x0, t, noise))
+    steps.append(t + 1)
+    maskings.append(masks(slice(n_clean, b), mask_ratio))
+  if one_call:
+    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
+    out = apply_fn(params, cat(inputs), cat(steps), labels, masking=tuple(maskings))
+    branch = lambda sl: {k: v[sl] for k, v in out.items()}
+  else:
+    outs, start = {}, 0
+    for x, t_in, m in zip(inputs, steps, maskings):
+      sl = slice(start, start + x.shape[0])
+      outs[sl.start] = apply_fn(params, x, t_in, None if labels is None else labels[sl],
+                                masking=m)
+      start = sl.stop
+    branch = lambda sl: outs[sl.start]
+  metrics, loss = {}, 0.0
+  if n_clean:
+    clean = clean_branch_loss(branch(slice(0, n_clean)), images[:n_clean], grid, patch_size,
+                              any_masked=mask_ratio_no_noise > 0)
     metrics["loss_clean"] = clean
     loss = loss + clean * (n_clean / b)
-
   if n_noised:
-    sl = slice(n_clean, b)
-    x0 = images[sl]
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, diffusion.num_timesteps))(key_t[sl])
-    noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(key_eps[sl])
-    x_t = diffusion.q_sample(x0, t, noise)
-    out = apply_fn(params, x_t, t + 1, take(labels, sl), masking=masks(sl, mask_ratio))
-    noised = noised_branch_loss(out, x0, noise, grid, patch_size, any_masked=mask_ratio > 0)
+    noised = noised_branch_loss(branch(slice(n_clean, b)), images[n_clean:], noise, grid,
+                                patch_size, any_masked=mask_ratio > 0)
     metrics["loss_noised"] = noised
     loss = loss + noised * (n_noised / b)
 

@@ -21,6 +21,7 @@ from big_vision import checkpointing
 from big_vision import config_cli
 from big_vision import diffusion as diffusion_lib
 from big_vision import distributed
+from big_vision import host_allocator
 from big_vision import input_pipeline
 from big_vision import methods
 from big_vision import metric_writer
@@ -95,7 +96,7 @@ def make_update(config, model, diffusion, tx, lr_fn, rng, batch_size, num_device
       grid=model.grid, patch_size=model.patch_size,
       mask_block_size=model.mask_block_size if model.masking == "block" else None,
       label_dropout=config.get("label_dropout", 0.1) if labels_on else 0.0,
-      null_label=model.num_classes)
+      null_label=model.num_classes, one_call=config.get("one_model_call", True))
   accum = config.get("grad_accum_steps", 1)
   if batch_size % (accum * num_devices):
     raise ConfigError(f"batch_size={batch_size} is not divisible by grad_accum_steps={accum}"
@@ -312,6 +313,7 @@ def main(argv, config):
 
 
 def run():
+  host_allocator.restart_with_tcmalloc()  # Before any XLA work.
   # Flags are defined here, not at import, so tools can import this module.
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and pictures go.")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs "

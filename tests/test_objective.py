@@ -20,16 +20,20 @@ class FakeDiffusion:
 def make_fake_apply(calls, x0_err=1.0, eps_err=2.0):
   """A 'model' predicting x0 = truth + x0_err and eps = truth + eps_err everywhere.
 
-  It recovers the truth from its input: clean inputs are x0 itself; noised inputs carry
-  the noise that FakeDiffusion added, which the test passes through `truth`.
+  The objective calls it once per batch, with one masking per branch (clean first);
+  `calls` records each branch as a group: its t, masked-patch counts and size.
   """
   def apply(params, images, t, labels, *, masking):
     del params, labels
-    b = images.shape[0]
-    calls.append(dict(t=np.asarray(t), masked=np.asarray(masking.mask).sum(1), batch=b))
-    truth_x0, truth_eps = calls_truth["x0"], calls_truth["eps"]
-    sl = slice(0, b) if calls[-1]["t"].max() == 0 else slice(-b, None)
-    return dict(x0=truth_x0[sl] + x0_err, eps=truth_eps[sl] + eps_err, mask=masking.mask)
+    start = 0
+    for m in masking:
+      b = m.mask.shape[0]
+      calls.append(dict(t=np.asarray(t[start:start + b]), masked=np.asarray(m.mask).sum(1),
+                        batch=b))
+      start += b
+    assert start == images.shape[0]
+    mask = jnp.concatenate([m.mask for m in masking])
+    return dict(x0=calls_truth["x0"] + x0_err, eps=calls_truth["eps"] + eps_err, mask=mask)
   return apply
 
 
@@ -118,3 +122,36 @@ def test_label_dropout_rate():
   dropped = objective.drop_labels(jnp.zeros(4000, jnp.int32), keys, 0.1, 10)
   assert abs(float((dropped == 10).mean()) - 0.1) < 0.02
   assert objective.drop_labels(None, keys, 0.1, 10) is None
+
+
+def test_one_model_call_equals_a_call_per_branch():
+  """The speed path (both branches in one model call, one decoder pass) computes the same
+  loss and gradients as the straightforward one (a model call per branch)."""
+  from big_vision import diffusion as diffusion_lib
+  from big_vision.models import ae
+  model = ae.build_model(dict(variant="Mu/2", image_size=8, channels=1, num_classes=3))
+  b = 8
+  images = jax.random.uniform(jax.random.PRNGKey(0), (b, 8, 8, 1), minval=-1, maxval=1)
+  labels = jnp.arange(b) % 3
+  params = model.init({"params": jax.random.PRNGKey(1)}, images, jnp.zeros(b, jnp.int32),
+                      labels)["params"]
+  params = jax.tree_util.tree_map(lambda p: p + 0.05, params)  # Leave AdaLN-Zero's zeros.
+  keys = jax.random.split(jax.random.PRNGKey(2), b)
+  apply = lambda p, x, t, y, masking: model.apply({"params": p}, x, t, y, masking=masking)
+  calls = []
+
+  def loss(p, one_call):
+    counted = lambda *a, **k: calls.append(one_call) or apply(*a, **k)
+    return objective.umd_loss(
+        counted, p, images, labels, keys, diffusion_lib.GaussianDiffusion.create("cosine", 100),
+        no_noise_prob=0.25, mask_ratio=0.375, mask_ratio_no_noise=0.75, grid=model.grid,
+        patch_size=2, label_dropout=0.5, null_label=3, one_call=one_call)[0]
+
+  l1, g1 = jax.value_and_grad(loss)(params, True)
+  l2, g2 = jax.value_and_grad(loss)(params, False)
+  assert calls == [True, False, False]
+  assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+  # Float32 sums in another order: differences far below the gradients' scale.
+  scale = max(float(jnp.abs(c).max()) for c in jax.tree_util.tree_leaves(g2))
+  for a, c in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5 * scale)

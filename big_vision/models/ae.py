@@ -276,13 +276,16 @@ class Model(nn.Module):
     b, k, d = visible.shape
     return jnp.broadcast_to(self.mask_token, (b, self.num_patches - k, d)).astype(visible.dtype)
 
-  def decode(self, latent, cond, masking):
-    """Encoder output -> per-patch predictions [B, N, p*p*2C]."""
+  def decoder_inputs(self, latent, masking):
+    """Encoder output -> decoder tokens [B, num_cls + N, decoder_width], in image order."""
     x = self.decoder_embed(latent)
     cls, visible = x[:, :self.num_cls_tokens], x[:, self.num_cls_tokens:]
     patches = masking_lib.restore_tokens(visible, self._masked_queries(visible, masking),
                                          masking.ids_restore)
-    x = jnp.concatenate([cls, patches + self.decoder_pos_embedding], axis=1)
+    return jnp.concatenate([cls, patches + self.decoder_pos_embedding], axis=1)
+
+  def decode_tokens(self, x, cond):
+    """Decoder tokens -> per-patch predictions [B, N, p*p*2C]."""
     if not self.adaln:
       x = x + self.decoder_cond(cond)[:, None, :]
     x = self.decoder_norm(self.decoder(x, cond))
@@ -290,6 +293,10 @@ class Model(nn.Module):
       shift, scale = jnp.split(self.final_modulation(nn.silu(cond))[:, None], 2, axis=-1)
       x = _modulate(x, shift, scale)
     return self.head(x[:, self.num_cls_tokens:]).astype(jnp.float32)
+
+  def decode(self, latent, cond, masking):
+    """Encoder output -> per-patch predictions [B, N, p*p*2C]."""
+    return self.decode_tokens(self.decoder_inputs(latent, masking), cond)
 
   def __call__(self, images, t, labels=None, *, mask_ratio=0.0, masking=None, train=False):
     """Predicts x0 and eps for (possibly noised) images.
@@ -299,7 +306,11 @@ class Model(nn.Module):
       t: [B] int time steps; 0 means clean.
       labels: [B] int class labels, or None (null class) for conditional models.
       mask_ratio: share of patches hidden from the encoder (needs a 'mask' rng).
-      masking: a masking.Masking to use instead of drawing one.
+      masking: a masking.Masking to use instead of drawing one; or a tuple of them for
+        consecutive groups of the batch that keep different numbers of tokens (UMD's
+        clean and noised halves). Each group goes through the encoder on its own, and
+        all groups through the decoder together: the same result as separate calls,
+        with one decoder pass of larger matrices.
       train: enables label dropout (needs a 'dropout' rng).
     Returns:
       dict(x0=[B,H,W,C], eps=[B,H,W,C], mask=[B,N] with 1 at masked patches).
@@ -307,10 +318,22 @@ class Model(nn.Module):
     b = images.shape[0]
     if masking is None:
       masking = self.make_masking(b, mask_ratio)
+    groups = (masking,) if isinstance(masking, masking_lib.Masking) else tuple(masking)
+    sizes = [m.mask.shape[0] for m in groups]
+    if sum(sizes) != b:
+      raise ValueError(f"maskings cover {sum(sizes)} images (groups of {sizes}); the batch "
+                       f"has {b}")
     cond = self.condition(t, labels, train=train)
-    out = self.decode(self.encode(images, cond, masking), cond, masking)
+    tokens, start = [], 0
+    for m, size in zip(groups, sizes):
+      sl = slice(start, start + size)
+      tokens.append(self.decoder_inputs(self.encode(images[sl], cond[sl], m), m))
+      start += size
+    tokens = tokens[0] if len(tokens) == 1 else jnp.concatenate(tokens, axis=0)
+    out = self.decode_tokens(tokens, cond)
     out = unpatchify(out, self.grid, self.patch_size, 2 * self.channels)
-    return dict(x0=out[..., :self.channels], eps=out[..., self.channels:], mask=masking.mask)
+    mask = jnp.concatenate([m.mask for m in groups], axis=0)
+    return dict(x0=out[..., :self.channels], eps=out[..., self.channels:], mask=mask)
 
   def representation(self, images, t=None, labels=None):
     """[B, H, W, C] images -> [B, width] features: mean of the encoder's cls tokens.

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from big_vision import config_cli
 from big_vision import diffusion as diffusion_lib
+from big_vision import host_allocator
 from big_vision import input_pipeline
 from big_vision import methods
 from big_vision import optimizer as optimizer_lib
@@ -224,6 +225,7 @@ def main(argv, config):
 
 
 if __name__ == "__main__":
+  host_allocator.restart_with_tcmalloc()  # Before any XLA work.
   flags.DEFINE_integer("steps", 10, "Timed training steps (after compilation).")
   flags.DEFINE_integer("samples", None, "Images to sample (default: min(batch, 64)).")
   flags.DEFINE_bool("evals", True, "Also time the few-shot probe and FID.")

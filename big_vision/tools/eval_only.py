@@ -17,6 +17,7 @@ import jax
 from big_vision import checkpointing
 from big_vision import config_cli
 from big_vision import diffusion as diffusion_lib
+from big_vision import host_allocator
 from big_vision import methods
 from big_vision import metric_writer
 from big_vision import sharding
@@ -59,6 +60,7 @@ def main(argv, config):
 
 
 def run():
+  host_allocator.restart_with_tcmalloc()  # Before any XLA work.
   flags.DEFINE_string("workdir", None, "The run's workdir; results go to its metrics.jsonl.")
   flags.DEFINE_string("checkpoint", None, "A checkpoint (workdir, checkpoints/ or a step "
                       "folder); default: the latest in --workdir.")
