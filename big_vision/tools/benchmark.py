@@ -11,6 +11,12 @@ command measures on the same machine in the same run; on a GPU the vendor's dens
 figure. Sampling: images/s of the config's sampler. Input: images/s of the training
 pipeline alone. Evaluation: seconds of the few-shot probe and of FID on the config's
 sample count (when the feature network's weights exist).
+
+  --compare      also times the step's variants against the config's own: the
+                 straightforward objective (a model call per branch), scan, remat, both;
+                 prints each one's img/s and its cost relative to the config's step.
+  --compile_only compiles the step and reports XLA's memory analysis without running it:
+                 an estimate of device memory for a device this machine does not have.
 """
 import copy
 import json
@@ -97,6 +103,96 @@ def _setup(config, total_steps=1000):
   return model, diffusion, update, state, batch
 
 
+def xla_memory_bytes(compiled):
+  """Arguments + outputs + temporaries of a compiled step, from XLA's buffer assignment."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  return int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+             + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def compile_only(config):
+  """XLA's memory estimate of the training step, compiled and never run."""
+  _, _, update, state, batch = _setup(config)
+  start = time.perf_counter()
+  compiled = update.lower(state, batch).compile()
+  return dict(xla_memory_analysis_bytes=xla_memory_bytes(compiled),
+              compile_s=time.perf_counter() - start)
+
+
+# The step's variants --compare times: (name, config overrides).
+VARIANTS = (
+    ("straightforward objective (a model call per branch)", {"one_model_call": False}),
+    ("scan", {"model.scan": True}),
+    ("remat nothing_saveable", {"model.remat_policy": "nothing_saveable"}),
+    ("remat dots_saveable", {"model.remat_policy": "dots_saveable"}),
+    ("scan + remat nothing_saveable", {"model.scan": True,
+                                       "model.remat_policy": "nothing_saveable"}),
+)
+
+
+def compare_variants(config, steps, base_images_per_s, log=print):
+  """img/s of each variant in VARIANTS and its cost against the config's own step."""
+  result = {}
+  for name, overrides in VARIANTS:
+    variant = copy.deepcopy(config)
+    for key, value in overrides.items():
+      *parents, leaf = key.split(".")
+      node = variant
+      for parent in parents:
+        node = node[parent]
+      node[leaf] = value
+    step, _ = bench_train_step(variant, steps)
+    cost = base_images_per_s / step["images_per_s"] - 1
+    result[name] = dict(images_per_s=step["images_per_s"], step_s=step["step_s"],
+                        time_cost_vs_config=cost,
+                        xla_memory_analysis_bytes=step["xla_memory_analysis_bytes"])
+    log(f"  {name}: {step['images_per_s']:.1f} img/s ({cost:+.1%} step time), XLA memory "
+        f"{step['xla_memory_analysis_bytes'] / 2**30:.2f} GiB")
+  return result
+
+
+def analytic_flops_per_image(config):
+  """Matmul FLOPs per image of a training step (forward + backward = 3 x forward).
+
+  Counts every Dense layer and the two attention products at the token counts the
+  objective feeds (visible tokens + cls in the encoder, all tokens + cls in the decoder),
+  weighted by the clean and noised shares of the batch; elementwise work is not counted.
+  A cross-check of XLA's count, which also counts elementwise operations.
+  """
+  from big_vision import objective  # pylint: disable=g-import-not-at-top
+  from big_vision.models import masking  # pylint: disable=g-import-not-at-top
+  model = ae.build_model(config.model)
+  d, dd = model.width, model.decoder_width
+  n, cls = model.num_patches, model.num_cls_tokens
+  patch_in = model.patch_size ** 2 * model.channels
+
+  def blocks(tokens, width, mlp_dim, depth):
+    per_token = 3 * width * width + width * width + 2 * width * mlp_dim  # qkv, proj, mlp.
+    attention = 2 * tokens * tokens * width  # q.k^T and p.v
+    adaln = width * 6 * width if model.adaln else 0
+    return 2 * depth * (tokens * per_token + attention + adaln)
+
+  def forward(mask_ratio):
+    kept = masking.num_kept(n, mask_ratio)
+    enc = blocks(kept + cls, d, model.mlp_dim, model.depth)
+    dec = blocks(n + cls, dd, model.decoder_mlp_dim or 4 * dd, model.decoder_depth)
+    other = 2 * (kept * patch_in * d + (kept + cls) * d * dd + n * dd * 2 * patch_in
+                 + 256 * d + d * d)  # patch embedding, decoder embedding, head, t MLP.
+    if model.adaln:
+      other += 2 * dd * 2 * dd  # Final modulation.
+    else:
+      other += 2 * d * dd  # Decoder condition.
+    return enc + dec + other
+
+  b = config.input.batch_size
+  n_clean, n_noised = objective.split_sizes(b, config.no_noise_prob)
+  total = (n_clean * forward(config.mask_ratio_no_noise) if n_clean else 0) + (
+      n_noised * forward(config.mask_ratio) if n_noised else 0)
+  return 3 * total / b
+
+
 def flops_per_image(config):
   """Forward + backward FLOPs per image of the training step, unscanned and un-remat."""
   plain = copy.deepcopy(config)
@@ -124,11 +220,7 @@ def bench_train_step(config, steps):
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
   mem, mem_how = peak_memory_bytes()
-  analysis = compiled.memory_analysis()
-  xla_bytes = None
-  if analysis is not None:
-    xla_bytes = int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
-                    + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+  xla_bytes = xla_memory_bytes(compiled)
   return dict(images_per_s=config.input.batch_size / step_s, step_s=step_s,
               compile_s=compile_s, peak_memory_bytes=mem, peak_memory_source=mem_how,
               xla_memory_analysis_bytes=xla_bytes), (model, diffusion, state)
@@ -145,9 +237,13 @@ def bench_sampling(config, model, diffusion, params, num_samples):
   start = time.perf_counter()
   ev.samples(params)
   seconds = time.perf_counter() - start
+  # All steps in one program: the compiled sampler holds the step loop (a while loop on
+  # the device), so a batch costs one call and no host round-trip per step.
+  labels = None if not model.num_classes else model.null_labels(num_samples)
+  hlo = ev._generate.lower(params, jax.random.PRNGKey(0), labels, None).compile().as_text()  # pylint: disable=protected-access
   return dict(images_per_s=num_samples / seconds, sampling_timesteps=ev.sampling_timesteps,
               sampler=ev.sampler, seconds=seconds,
-              loop="all steps in one lax.scan inside one jitted call per batch")
+              steps_in_one_program=" while(" in hlo)
 
 
 def bench_input(config, batches):
@@ -181,30 +277,44 @@ def bench_evals(config, model, diffusion, params):
   return result
 
 
-def run(config, steps=10, sample_count=None, input_batches=50, evals=True, log=print):
+def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compare=False,
+        log=print):
   device = jax.devices()[0]
   out = dict(device=device.device_kind, platform=device.platform,
              num_devices=jax.device_count(), batch_size=config.input.batch_size,
              variant=config.model.variant, image_size=config.model.image_size,
              dtype_mm=config.model.dtype_mm, scan=config.model.scan,
-             remat_policy=config.model.remat_policy)
+             remat_policy=config.model.remat_policy,
+             one_model_call=config.get("one_model_call", True),
+             host_allocator=host_allocator.active())
+  if out["platform"] == "cpu" and out["host_allocator"] == "glibc":
+    log("note: glibc malloc; see big_vision/host_allocator.py (BV_TCMALLOC=0 was set, or "
+        "tcmalloc is not installed)")
   peak, peak_how = device_peak()
   out.update(peak_flops=peak, peak_source=peak_how)
   step, (model, diffusion, state) = bench_train_step(config, steps)
   out["train"] = step
   fpi = flops_per_image(config)
   achieved = fpi * step["images_per_s"]
+  analytic = analytic_flops_per_image(config)
   out["train"].update(flops_per_image=fpi, flops_source="XLA cost analysis, unscanned, no remat",
-                      achieved_flops=achieved, fraction_of_peak=achieved / peak)
+                      analytic_matmul_flops_per_image=analytic,
+                      achieved_flops=achieved, fraction_of_peak=achieved / peak,
+                      fraction_of_peak_analytic=analytic * step["images_per_s"] / peak)
   log(f"train: {step['images_per_s']:.1f} img/s, step {step['step_s'] * 1e3:.1f} ms, "
       f"compile {step['compile_s']:.1f} s, {fpi / 1e9:.2f} GFLOP/img, "
+      f"(analytic matmuls {analytic / 1e9:.2f}), "
       f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of {peak / 1e9:.1f} GFLOP/s "
       f"({peak_how}); peak memory {step['peak_memory_bytes'] / 2**30:.2f} GiB")
+  if compare:
+    log("variants of the step:")
+    out["train_variants"] = compare_variants(config, steps, step["images_per_s"], log)
   params = state["params"]
   n = sample_count or min(config.input.batch_size, 64)
   out["sampling"] = bench_sampling(config, model, diffusion, params, n)
   log(f"sampling: {out['sampling']['images_per_s']:.2f} img/s with "
-      f"{out['sampling']['sampling_timesteps']} {out['sampling']['sampler']} steps")
+      f"{out['sampling']['sampling_timesteps']} {out['sampling']['sampler']} steps "
+      f"({'all in one program' if out['sampling']['steps_in_one_program'] else 'NOT one program'})")
   out["input"] = bench_input(config, input_batches)
   log(f"input pipeline: {out['input']['images_per_s']:.0f} img/s "
       f"({out['input']['images_per_s'] / step['images_per_s']:.1f}x the training step)")
@@ -217,7 +327,17 @@ def run(config, steps=10, sample_count=None, input_batches=50, evals=True, log=p
 def main(argv, config):
   del argv
   f = flags.FLAGS
-  out = run(config, steps=f.steps, sample_count=f.samples, evals=f.evals)
+  if f.compile_only:
+    out = dict(config=dict(variant=config.model.variant, image_size=config.model.image_size,
+                           batch_size=config.input.batch_size, dtype_mm=config.model.dtype_mm,
+                           scan=config.model.scan, remat_policy=config.model.remat_policy),
+               compiled_for=jax.devices()[0].device_kind, **compile_only(config))
+    print(f"compiled in {out['compile_s']:.1f} s; XLA memory analysis "
+          f"{out['xla_memory_analysis_bytes'] / 2**30:.2f} GiB (arguments + outputs + "
+          f"temporaries of the step, {out['compiled_for']} buffer assignment)")
+  else:
+    out = run(config, steps=f.steps, sample_count=f.samples, evals=f.evals,
+              compare=f.compare)
   if f.out:
     with open(f.out, "w") as fh:
       json.dump(out, fh, indent=2, default=float)
@@ -230,5 +350,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("samples", None, "Images to sample (default: min(batch, 64)).")
   flags.DEFINE_bool("evals", True, "Also time the few-shot probe and FID.")
   flags.DEFINE_string("out", None, "Write the figures as JSON here.")
+  flags.DEFINE_bool("compare", False, "Also time the straightforward objective, scan and remat.")
+  flags.DEFINE_bool("compile_only", False, "Only compile the step; report XLA's memory estimate.")
   cfg, rest = config_cli.load_or_exit(sys.argv[1:], check=methods.check_config)
   app.run(lambda argv: main(argv, cfg), argv=[sys.argv[0]] + rest)
