@@ -313,7 +313,7 @@ def main(argv, config):
 
 
 def run():
-  host_allocator.restart_with_tcmalloc()  # Before any XLA work.
+  host_allocator.restart_with_jemalloc()  # Before any XLA work.
   # Flags are defined here, not at import, so tools can import this module.
   flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and pictures go.")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs "

@@ -288,8 +288,8 @@ def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compa
              one_model_call=config.get("one_model_call", True),
              host_allocator=host_allocator.active())
   if out["platform"] == "cpu" and out["host_allocator"] == "glibc":
-    log("note: glibc malloc; see big_vision/host_allocator.py (BV_TCMALLOC=0 was set, or "
-        "tcmalloc is not installed)")
+    log("note: glibc malloc; see big_vision/host_allocator.py (BV_JEMALLOC=0 was set, or "
+        "jemalloc is not installed)")
   peak, peak_how = device_peak()
   out.update(peak_flops=peak, peak_source=peak_how)
   step, (model, diffusion, state) = bench_train_step(config, steps)
@@ -345,7 +345,7 @@ def main(argv, config):
 
 
 if __name__ == "__main__":
-  host_allocator.restart_with_tcmalloc()  # Before any XLA work.
+  host_allocator.restart_with_jemalloc()  # Before any XLA work.
   flags.DEFINE_integer("steps", 10, "Timed training steps (after compilation).")
   flags.DEFINE_integer("samples", None, "Images to sample (default: min(batch, 64)).")
   flags.DEFINE_bool("evals", True, "Also time the few-shot probe and FID.")

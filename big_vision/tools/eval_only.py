@@ -60,7 +60,7 @@ def main(argv, config):
 
 
 def run():
-  host_allocator.restart_with_tcmalloc()  # Before any XLA work.
+  host_allocator.restart_with_jemalloc()  # Before any XLA work.
   flags.DEFINE_string("workdir", None, "The run's workdir; results go to its metrics.jsonl.")
   flags.DEFINE_string("checkpoint", None, "A checkpoint (workdir, checkpoints/ or a step "
                       "folder); default: the latest in --workdir.")
