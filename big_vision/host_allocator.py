@@ -13,6 +13,7 @@ The command-line entry points call `restart_with_jemalloc()` first: when jemallo
 installed (Debian: libjemalloc2) and not loaded yet, the process re-executes itself with
 it preloaded (same command line, same PID). BV_JEMALLOC=0 turns this off.
 """
+import ctypes
 import os
 import sys
 
@@ -63,3 +64,16 @@ def restart_with_jemalloc():
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, sys.orig_argv, env)
+
+
+def release_free_memory():
+  """Hands freed pages back to the system now, e.g. after a round of evaluations, so
+  that their leftovers and training's buffers are not held at the same time."""
+  allocator = active()
+  if allocator not in ("jemalloc", "glibc"):
+    return
+  process = ctypes.CDLL(None)
+  if allocator == "jemalloc":  # 4096 = MALLCTL_ARENAS_ALL: purge every arena.
+    process.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
+  else:
+    process.malloc_trim(ctypes.c_size_t(0))

@@ -99,18 +99,17 @@ def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_no
     inputs.append(diffusion.q_sample(x0, t, noise))
     steps.append(t + 1)
     maskings.append(masks(slice(n_clean, b), mask_ratio))
+  cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
   if one_call:
-    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
     out = apply_fn(params, cat(inputs), cat(steps), labels, masking=tuple(maskings))
-    branch = lambda sl: {k: v[sl] for k, v in out.items()}
   else:
-    outs, start = {}, 0
+    outs, start = [], 0
     for x, t_in, m in zip(inputs, steps, maskings):
-      sl = slice(start, start + x.shape[0])
-      outs[sl.start] = apply_fn(params, x, t_in, None if labels is None else labels[sl],
-                                masking=m)
-      start = sl.stop
-    branch = lambda sl: outs[sl.start]
+      y = None if labels is None else labels[start:start + x.shape[0]]
+      outs.append(apply_fn(params, x, t_in, y, masking=m))
+      start += x.shape[0]
+    out = {k: cat([o[k] for o in outs]) for k in outs[0]}
+  branch = lambda sl: {k: v[sl] for k, v in out.items()}
   metrics, loss = {}, 0.0
   if n_clean:
     clean = clean_branch_loss(branch(slice(0, n_clean)), images[:n_clean], grid, patch_size,

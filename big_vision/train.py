@@ -270,6 +270,8 @@ def train(config, workdir):
         progress.restart(step)
       if step != total_steps and eval_common.run_due(evals, step, total_steps, state, writer,
                                                      log):
+        # The evaluations' buffers go back to the system before training's come again.
+        host_allocator.release_free_memory()
         progress.restart(step)
 
     # The end: final checkpoint and pictures.
