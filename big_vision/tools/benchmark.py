@@ -242,7 +242,7 @@ def bench_sampling(config, model, diffusion, params, num_samples):
   labels = None if not model.num_classes else model.null_labels(num_samples)
   hlo = ev._generate.lower(params, jax.random.PRNGKey(0), labels, None).compile().as_text()  # pylint: disable=protected-access
   return dict(images_per_s=num_samples / seconds, sampling_timesteps=ev.sampling_timesteps,
-              sampler=ev.sampler, seconds=seconds,
+              sampler=ev.sampler, seconds=seconds, num_samples=num_samples,
               steps_in_one_program=" while(" in hlo)
 
 
