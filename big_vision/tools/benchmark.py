@@ -35,10 +35,12 @@ from big_vision import diffusion as diffusion_lib
 from big_vision import host_allocator
 from big_vision import input_pipeline
 from big_vision import methods
+from big_vision import objective
 from big_vision import optimizer as optimizer_lib
 from big_vision import sharding
 from big_vision import train
 from big_vision.models import ae
+from big_vision.models import masking
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, FLOP/s.
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -161,8 +163,6 @@ def analytic_flops_per_image(config):
   weighted by the clean and noised shares of the batch; elementwise work is not counted.
   A cross-check of XLA's count, which also counts elementwise operations.
   """
-  from big_vision import objective  # pylint: disable=g-import-not-at-top
-  from big_vision.models import masking  # pylint: disable=g-import-not-at-top
   model = ae.build_model(config.model)
   d, dd = model.width, model.decoder_width
   n, cls = model.num_patches, model.num_cls_tokens
@@ -178,8 +178,10 @@ def analytic_flops_per_image(config):
     kept = masking.num_kept(n, mask_ratio)
     enc = blocks(kept + cls, d, model.mlp_dim, model.depth)
     dec = blocks(n + cls, dd, model.decoder_mlp_dim or 4 * dd, model.decoder_depth)
-    other = 2 * (kept * patch_in * d + (kept + cls) * d * dd + n * dd * 2 * patch_in
-                 + 256 * d + d * d)  # patch embedding, decoder embedding, head, t MLP.
+    # Patch embedding (of every patch, before the visible ones are picked), decoder
+    # embedding, head, and the time MLP (256 sinusoid features -> width -> width).
+    other = 2 * (n * patch_in * d + (kept + cls) * d * dd + n * dd * 2 * patch_in
+                 + 256 * d + d * d)
     if model.adaln:
       other += 2 * dd * 2 * dd  # Final modulation.
     else:
