@@ -32,7 +32,7 @@ def get_config(arg=None):
       "finetune", config_parsing.peek(arg, "finetune", "false"), False)
   # ImageNet runs on accelerators: bfloat16 matmuls (float32 parameters, norms and loss).
   # Scan and remat stay off: B/4 at 64x64 fits an 80 GB GPU at batch 256 without them
-  # (docs/BENCHMARKS.md), and each costs 20-25% of a step.
+  # (docs/BENCHMARKS.md), and on a CPU each costs 20-31% of a step.
   defaults = dict(size=64, epochs=800.0, batch_size=1024, area_min=80, finetune=False,
                   dtype_mm="bfloat16",
                   latent_diffusion=False, vae_weights="", fewshot_steps=10_000,
