@@ -225,7 +225,8 @@ def test_two_real_processes_on_localhost():
     for p in procs:
       out, err = p.communicate(timeout=120)  # A hang fails the test instead of blocking.
       assert p.returncode == 0, err[-3000:]
-      results.append(json.loads(out.split("RESULT ", 1)[1].splitlines()[0]))
+      # raw_decode: the runtime may print on the same line after the result at exit.
+      results.append(json.JSONDecoder().raw_decode(out.split("RESULT ", 1)[1])[0])
   finally:
     for p in procs:
       if p.poll() is None:
