@@ -20,6 +20,13 @@ import jax.numpy as jnp
 from big_vision.models import masking as masking_lib
 
 
+def model_eps_fn(model, params):
+  """The sampler's model_fn: eps at the ORIGINAL step t; the network is fed t + 1."""
+  def fn(x, t, labels):
+    return model.apply({"params": params}, x, t + 1, labels, mask_ratio=0.0)["eps"]
+  return fn
+
+
 def split_sizes(batch_size, no_noise_prob):
   """(clean, noised) image counts of a batch."""
   clean = int(round(batch_size * no_noise_prob))

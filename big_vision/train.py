@@ -14,8 +14,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
-import optax
 
 from big_vision import checkpointing
 from big_vision import config_cli
@@ -25,11 +23,11 @@ from big_vision import host_allocator
 from big_vision import input_pipeline
 from big_vision import methods
 from big_vision import metric_writer
-from big_vision import objective
 from big_vision import optimizer as optimizer_lib
 from big_vision import reconstruct
 from big_vision import sharding
 from big_vision import steps as steps_lib
+from big_vision import train_step
 from big_vision import visualize
 from big_vision.evaluators import common as eval_common
 from big_vision.config_parsing import ConfigError
@@ -49,96 +47,6 @@ def check_trainable(config):
 def save_config(config, workdir):
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def make_apply(model):
-  def apply(params, images, t, labels, *, mask_ratio=0.0, masking=None, train=False,
-            rngs=None):
-    return model.apply({"params": params}, images, t, labels, mask_ratio=mask_ratio,
-                       masking=masking, train=train, rngs=rngs)
-  return apply
-
-
-def make_init_params(model):
-  """rng -> freshly initialised parameters."""
-  h, w = model.image_size
-  dummy = (jnp.zeros((2, h, w, model.channels)), jnp.zeros((2,), jnp.int32))
-
-  def init(rng):
-    rngs = dict(zip(("params", "mask", "dropout"), jax.random.split(rng, 3)))
-    return model.init(rngs, *dummy, mask_ratio=0.0)["params"]
-  return init
-
-
-def make_init_state(config, init_params, tx):
-  """rng -> the train state: params, optimizer state, step (and EMA params)."""
-  def init_state(rng):
-    params = init_params(rng)
-    state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
-    if config.get("ema_decay"):
-      state["ema_params"] = params
-    return state
-  return init_state
-
-
-def make_update(config, model, diffusion, tx, lr_fn, rng, batch_size, num_devices):
-  """The training step (state, batch) -> (state, metrics), before jit.
-
-  rng is the run's base key; each step folds in its step number, and each example gets
-  its own key, so the step does not depend on sharding or micro-batching.
-  """
-  apply = make_apply(model)
-  labels_on = bool(model.num_classes)
-  use_ema = bool(config.get("ema_decay"))
-  loss_fn = functools.partial(
-      objective.umd_loss, apply, diffusion=diffusion, no_noise_prob=config.no_noise_prob,
-      mask_ratio=config.mask_ratio, mask_ratio_no_noise=config.mask_ratio_no_noise,
-      grid=model.grid, patch_size=model.patch_size,
-      mask_block_size=model.mask_block_size if model.masking == "block" else None,
-      label_dropout=config.get("label_dropout", 0.1) if labels_on else 0.0,
-      null_label=model.num_classes, one_call=config.get("one_model_call", True))
-  accum = config.get("grad_accum_steps", 1)
-  if batch_size % (accum * num_devices):
-    raise ConfigError(f"batch_size={batch_size} is not divisible by grad_accum_steps={accum}"
-                      f" x {num_devices} devices")
-
-  def gradients(params, images, labels, keys):
-    """Loss gradients, summed over `accum` micro-batches so a large batch fits."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if accum == 1:
-      (_, metrics), grads = grad_fn(params, images, labels, keys)
-      return grads, metrics
-    # Micro-batch i takes every accum-th example, so each device keeps its share.
-    micro = lambda x: None if x is None else jnp.swapaxes(
-        x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
-
-    micro_batches = tuple(micro(x) for x in (images, labels, keys))
-    first = jax.tree_util.tree_map(lambda x: x[0], micro_batches)
-    (_, metrics_shape), grads_shape = jax.eval_shape(grad_fn, params, *first)
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                   (grads_shape, metrics_shape))
-
-    def body(carry, inputs):
-      (_, metrics), grads = grad_fn(params, *inputs)
-      return jax.tree_util.tree_map(jnp.add, carry, (grads, metrics)), None
-    (grads, metrics), _ = jax.lax.scan(body, zeros, micro_batches)
-    return jax.tree_util.tree_map(lambda x: x / accum, (grads, metrics))
-
-  def update(state, batch):
-    # One key per example: the loss does not depend on sharding or micro-batching.
-    keys = jax.random.split(jax.random.fold_in(rng, state["step"]), batch_size)
-    labels = batch["label"] if labels_on else None
-    grads, metrics = gradients(state["params"], batch["image"], labels, keys)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    new = dict(params=params, opt_state=opt_state, step=state["step"] + 1)
-    if use_ema:
-      new["ema_params"] = optimizer_lib.ema_update(state["ema_params"], params,
-                                                   config.ema_decay)
-    metrics.update(lr=lr_fn(state["step"]), grad_norm=optimizer_lib.global_norm(grads))
-    return new, metrics
-
-  return update
 
 
 def train(config, workdir):
@@ -164,16 +72,16 @@ def train(config, workdir):
 
   # Model and diffusion.
   model = ae.build_model(config.model)
-  apply = make_apply(model)
+  apply = train_step.make_apply(model)
   diffusion = diffusion_lib.GaussianDiffusion.create(config.diffusion.schedule,
                                                      config.diffusion.timesteps)
 
   # Optimizer and shardings of the whole train state.
-  init_params = make_init_params(model)
+  init_params = train_step.make_init_params(model)
   abstract_params = jax.eval_shape(init_params, jax.random.PRNGKey(0))
   tx, lr_fn = optimizer_lib.make(config, abstract_params, total_steps, warmup_steps)
   use_ema = bool(config.get("ema_decay"))
-  init_state = make_init_state(config, init_params, tx)
+  init_state = train_step.make_init_state(config, init_params, tx)
   abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
   state_shardings = sharding.tree_shardings(abstract_state, mesh, config.param_sharding)
   repl, data_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
@@ -201,7 +109,8 @@ def train(config, workdir):
       log(f"initialised from {config.init_from}; fresh: {fresh or 'nothing'}")
 
   # The update step: one jit-compiled program with explicit shardings.
-  update = make_update(config, model, diffusion, tx, lr_fn, rng, batch_size, mesh.devices.size)
+  update = train_step.make_update(config, model, diffusion, tx, lr_fn, rng, batch_size,
+                                  mesh.devices.size)
   update = jax.jit(update, in_shardings=(state_shardings, data_sharding),
                    out_shardings=(state_shardings, repl), donate_argnums=(0,))
 

@@ -11,6 +11,7 @@ import pytest
 from big_vision import config_cli
 from big_vision import diffusion as diffusion_lib
 from big_vision import input_pipeline
+from big_vision import objective
 from big_vision import sharding
 from big_vision import train
 from big_vision.evaluators import common
@@ -203,8 +204,7 @@ def test_inpainting_keeps_visible_pixels(data_dir, tmp_path):
   model = ctx.model
   images = jax.random.uniform(jax.random.PRNGKey(0), (4, 28, 28, 1), minval=-1, maxval=1)
   pixel_mask = jnp.zeros((4, 28, 28, 1)).at[:, :14].set(1.0)
-  from big_vision.evaluators import sampling
-  out = inpainting.inpaint(sampling.model_eps_fn(model, params), ctx.diffusion, images,
+  out = inpainting.inpaint(objective.model_eps_fn(model, params), ctx.diffusion, images,
                            pixel_mask, jax.random.PRNGKey(1), sampling_timesteps=5)
   np.testing.assert_array_equal(out[:, 14:], images[:, 14:])
   assert np.abs(np.asarray(out[:, :14] - images[:, :14])).max() > 0.1

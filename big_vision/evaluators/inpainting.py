@@ -15,10 +15,10 @@ import numpy as np
 
 from big_vision import diffusion as diffusion_lib
 from big_vision import input_pipeline
+from big_vision import objective
 from big_vision import visualize
 from big_vision.evaluators import common
 from big_vision.evaluators import fid_scorer
-from big_vision.evaluators import sampling
 from big_vision.models import masking as masking_lib
 
 
@@ -78,7 +78,7 @@ class Evaluator:
       onestep = model.apply({"params": params}, images, jnp.zeros((b,), jnp.int32),
                             masking=m)["x0"]
       onestep = pixel_mask * jnp.clip(onestep, -1, 1) + (1 - pixel_mask) * images
-      full = inpaint(sampling.model_eps_fn(model, params), diffusion, images, pixel_mask,
+      full = inpaint(objective.model_eps_fn(model, params), diffusion, images, pixel_mask,
                      key_inpaint, sampling_timesteps=steps, eta=eta, clip_x0=clip)
       denom = jnp.sum(pixel_mask, axis=(1, 2, 3)) * images.shape[-1]
       mse = lambda x: jnp.sum(jnp.square(x - images) * pixel_mask, axis=(1, 2, 3)) / denom

@@ -16,18 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vision import diffusion as diffusion_lib
+from big_vision import objective
 from big_vision import visualize
 from big_vision.evaluators import common
 from big_vision.evaluators import fid_scorer
 
 SAMPLERS = ("ddim", "ddpm")
-
-
-def model_eps_fn(model, params):
-  """The sampler's model_fn: eps at the ORIGINAL step t; the network is fed t + 1."""
-  def fn(x, t, labels):
-    return model.apply({"params": params}, x, t + 1, labels, mask_ratio=0.0)["eps"]
-  return fn
 
 
 class Evaluator:
@@ -63,7 +57,7 @@ class Evaluator:
               "ddpm": diffusion_lib.ddpm_sample}[sampler]
 
     def generate(params, rng, labels, scale):
-      return sample(model_eps_fn(model, params), diffusion, shape, rng,
+      return sample(objective.model_eps_fn(model, params), diffusion, shape, rng,
                     sampling_timesteps=self.sampling_timesteps, clip_x0=self.clip_x0,
                     labels=labels, guidance_scale=scale,
                     null_label=self.num_classes if self.num_classes else None)
