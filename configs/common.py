@@ -20,6 +20,8 @@ COMMON_OPTIONS = dict(
     scan=False,
     remat="none",
     dtype_mm="float32",
+    dtype_activations="float32",  # bfloat16: the residual stream too (accelerators).
+    attention="xla",   # auto: cuDNN's fused attention on a GPU with bf16 matmuls.
     fsdp=False,
     batch_size=256,
     epochs=0.0,        # Either epochs or total_steps sets the run's length.
@@ -64,6 +66,8 @@ def model(arg, image_size, channels, num_classes, decoder_rule):
       scan=arg.scan,
       remat_policy=arg.remat,
       dtype_mm=arg.dtype_mm,
+      dtype_activations=arg.dtype_activations,
+      attention=arg.attention,
   ))
 
 

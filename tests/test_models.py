@@ -165,6 +165,54 @@ def test_bfloat16_matmuls_close_to_float32():
   assert np.abs(a - b).max() < 0.05 * np.abs(a).max() + 1e-3
 
 
+def test_bfloat16_residual_stream_close_to_float32():
+  x, t = _images(), jnp.array([0, 10, 999])
+  m32 = ae.build_model(dict(variant="Mu/4", image_size=16))
+  m16 = ae.build_model(dict(variant="Mu/4", image_size=16, dtype_mm="bfloat16",
+                            dtype_activations="bfloat16"))
+  params = _perturbed(m32.init(RNGS, x, t)["params"])
+  a = m32.apply({"params": params}, x, t)["eps"]
+  b = m16.apply({"params": params}, x, t)["eps"]
+  assert b.dtype == jnp.float32
+  assert 0 < np.abs(a - b).max() < 0.05 * np.abs(a).max() + 1e-3
+
+
+def test_attention_auto_is_xla_off_gpu():
+  """On a CPU 'auto' must pick XLA's attention and compute exactly what 'xla' computes."""
+  x, t = _images(), jnp.array([0, 10, 999])
+  models = [ae.build_model(dict(variant="Mu/4", image_size=16, dtype_mm="bfloat16",
+                                attention=a)) for a in ("xla", "auto")]
+  params = _perturbed(models[0].init(RNGS, x, t)["params"])
+  a, b = (m.apply({"params": params}, x, t)["eps"] for m in models)
+  assert ae.attention_implementation("auto", jnp.bfloat16) == "xla"
+  np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not ae.cudnn_attention_available(),
+                    reason="cuDNN's fused attention needs an NVIDIA GPU (sm80+)")
+def test_cudnn_attention_matches_xla_on_gpu():
+  """Same outputs and gradients as XLA's attention, to bfloat16 tolerance."""
+  x, t = _images(b=4), jnp.array([0, 10, 500, 999])
+  models = [ae.build_model(dict(variant="Mu/4", image_size=16, dtype_mm="bfloat16",
+                                attention=a)) for a in ("xla", "cudnn")]
+  params = _perturbed(models[0].init(RNGS, x, t)["params"])
+
+  def loss(params, model):
+    out = model.apply({"params": params}, x, t, mask_ratio=0.5, rngs=RNGS)
+    return jnp.mean(jnp.square(out["eps"])) + jnp.mean(jnp.square(out["x0"]))
+  (la, ga), (lb, gb) = (jax.value_and_grad(loss)(params, m) for m in models)
+  np.testing.assert_allclose(la, lb, rtol=2e-2)
+  for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+    assert np.linalg.norm(a - b) <= 0.05 * np.linalg.norm(a) + 1e-6
+
+
+def test_cudnn_attention_off_gpu_is_a_clear_error():
+  model = ae.build_model(dict(variant="Mu/4", image_size=16, dtype_mm="bfloat16",
+                              attention="cudnn"))
+  with pytest.raises(ConfigError, match="attention='cudnn' needs an NVIDIA GPU"):
+    model.init(RNGS, _images(), jnp.zeros(3, jnp.int32))
+
+
 def test_representation_is_clean_unmasked_and_deterministic():
   model = ae.build_model(dict(variant="Mu/4", image_size=16, num_cls_tokens=2))
   x = _images()
@@ -183,6 +231,10 @@ def test_representation_is_clean_unmasked_and_deterministic():
     (dict(variant="B/4", image_size=64, masking="block", mask_block_size=3),
      "mask_block_size 3 does not divide the patch grid 16x16"),
     (dict(variant="B/4", image_size=64, dtype_mm="fp8"), "unknown dtype_mm 'fp8'"),
+    (dict(variant="B/4", image_size=64, dtype_activations="fp8"),
+     "unknown dtype_activations 'fp8'"),
+    (dict(variant="B/4", image_size=64, attention="flash"),
+     "unknown attention 'flash'; known: auto, xla, cudnn"),
     (dict(variant="B/4", image_size=64, colour=True), r"unknown model option\(s\) colour"),
 ])
 def test_bad_model_config(cfg, match):

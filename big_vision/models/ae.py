@@ -41,6 +41,9 @@ SIZES = {
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
 MATMUL_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# xla: einsum, softmax, einsum (any device); cudnn: cuDNN's fused attention (GPU, 16-bit);
+# auto: cudnn where it runs, else xla.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 def decode_variant(variant):
@@ -91,9 +94,36 @@ def _modulate(x, shift, scale):
 _dense_init = nn.initializers.xavier_uniform()
 
 
+def cudnn_attention_available():
+  """cuDNN's fused attention runs on NVIDIA GPUs from Ampere (compute capability 8.0) on."""
+  device = jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  return device.platform == "gpu" and capability is not None and float(capability) >= 8.0
+
+
+def attention_implementation(attention, dtype):
+  """'xla' or 'cudnn' for jax.nn.dot_product_attention, from the model's `attention`.
+
+  'auto' takes cuDNN's fused (flash) attention where it runs, on a recent NVIDIA GPU with
+  16-bit matmuls, and XLA's einsum-softmax-einsum everywhere else.
+  """
+  sixteen_bit = dtype in (jnp.bfloat16, jnp.float16)
+  if attention == "auto":
+    return "cudnn" if sixteen_bit and cudnn_attention_available() else "xla"
+  if attention == "cudnn":
+    if not cudnn_attention_available():
+      raise ConfigError(f"attention='cudnn' needs an NVIDIA GPU of compute capability 8.0 "
+                        f"or newer; this process runs on {jax.devices()[0].device_kind} "
+                        "(use attention='auto' or 'xla')")
+    if not sixteen_bit:
+      raise ConfigError("attention='cudnn' needs 16-bit matmuls (dtype_mm='bfloat16')")
+  return attention
+
+
 class Attention(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
+  attention: str = "xla"  # See ATTENTION_IMPLEMENTATIONS.
 
   @nn.compact
   def __call__(self, x):
@@ -102,7 +132,9 @@ class Attention(nn.Module):
       raise ConfigError(f"width {d} is not divisible by num_heads {self.num_heads}")
     qkv = nn.Dense(3 * d, kernel_init=_dense_init, dtype=self.dtype, name="qkv")(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
-    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+    out = jax.nn.dot_product_attention(
+        q[:, :, 0], k[:, :, 0], v[:, :, 0],
+        implementation=attention_implementation(self.attention, self.dtype))
     return nn.Dense(d, kernel_init=_dense_init, dtype=self.dtype, name="proj")(
         out.reshape(b, n, d))
 
@@ -124,24 +156,29 @@ class Block(nn.Module):
   mlp_dim: int
   num_heads: int
   adaln: bool = True
-  dtype: Any = jnp.float32
+  dtype: Any = jnp.float32  # Of the matmuls.
+  attention: str = "xla"
+  act_dtype: Any = jnp.float32  # Of the residual stream and the norms' outputs.
 
   @nn.compact
   def __call__(self, x, cond):
     d = x.shape[-1]
+    attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
     if self.adaln:
       mod = nn.Dense(6 * d, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                      name="adaln_modulation")(nn.silu(cond))
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
-      norm = lambda name: nn.LayerNorm(use_scale=False, use_bias=False, name=name)
+      norm = lambda name: nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.act_dtype,
+                                       name=name)
       h = _modulate(norm("norm1")(x), shift1, scale1)
-      x = x + gate1 * Attention(self.num_heads, self.dtype, name="attn")(h)
+      x = x + gate1 * attn(h)
       h = _modulate(norm("norm2")(x), shift2, scale2)
       x = x + gate2 * Mlp(self.mlp_dim, self.dtype, name="mlp")(h)
     else:
-      x = x + Attention(self.num_heads, self.dtype, name="attn")(nn.LayerNorm(name="norm1")(x))
-      x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(nn.LayerNorm(name="norm2")(x))
-    return x.astype(jnp.float32), None
+      norm = lambda name: nn.LayerNorm(dtype=self.act_dtype, name=name)
+      x = x + attn(norm("norm1")(x))
+      x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x))
+    return x.astype(self.act_dtype), None
 
 
 class Stack(nn.Module):
@@ -153,15 +190,18 @@ class Stack(nn.Module):
   scan: bool = False
   remat_policy: str = "none"
   dtype: Any = jnp.float32
+  attention: str = "xla"
+  act_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, cond):
+    x = x.astype(self.act_dtype)
     block = Block
     if self.remat_policy != "none":
       policy = getattr(jax.checkpoint_policies, self.remat_policy)
       block = nn.remat(Block, policy=policy, prevent_cse=not self.scan)
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, adaln=self.adaln,
-              dtype=self.dtype)
+              dtype=self.dtype, attention=self.attention, act_dtype=self.act_dtype)
     if self.scan:
       scanned = nn.scan(block, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},
@@ -195,6 +235,10 @@ class Model(nn.Module):
   scan: bool = False
   remat_policy: str = "none"
   dtype_mm: str = "float32"
+  # The residual stream between blocks: float32 keeps it exact whatever dtype_mm is;
+  # bfloat16 halves the memory traffic of the elementwise work around the matmuls.
+  dtype_activations: str = "float32"
+  attention: str = "xla"  # See ATTENTION_IMPLEMENTATIONS.
 
   @property
   def grid(self):
@@ -206,7 +250,8 @@ class Model(nn.Module):
 
   def setup(self):
     dtype = MATMUL_DTYPES[self.dtype_mm]
-    stack = dict(adaln=self.adaln, scan=self.scan, remat_policy=self.remat_policy, dtype=dtype)
+    stack = dict(adaln=self.adaln, scan=self.scan, remat_policy=self.remat_policy, dtype=dtype,
+                 attention=self.attention, act_dtype=MATMUL_DTYPES[self.dtype_activations])
     self.patch_embedding = nn.Dense(self.width, kernel_init=_dense_init, dtype=dtype)
     if self.posemb == "learn":
       self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02),
@@ -351,7 +396,8 @@ class Model(nn.Module):
 
 MODEL_OPTIONS = ("variant", "image_size", "channels", "num_cls_tokens", "adaln", "num_classes",
                  "label_dropout", "posemb", "masking", "mask_block_size", "scan", "remat_policy",
-                 "dtype_mm", "decoder_width", "decoder_depth", "decoder_mlp_dim")
+                 "dtype_mm", "dtype_activations", "attention", "decoder_width", "decoder_depth",
+                 "decoder_mlp_dim")
 
 
 def _resolve(model_config):
@@ -377,8 +423,12 @@ def _resolve(model_config):
   if kw.get("remat_policy", "none") not in REMAT_POLICIES:
     raise ConfigError(f"unknown remat_policy {kw['remat_policy']!r}; known: "
                       f"{', '.join(REMAT_POLICIES)}")
-  if kw.get("dtype_mm", "float32") not in MATMUL_DTYPES:
-    raise ConfigError(f"unknown dtype_mm {kw['dtype_mm']!r}; known: {', '.join(MATMUL_DTYPES)}")
+  for key in ("dtype_mm", "dtype_activations"):
+    if kw.get(key, "float32") not in MATMUL_DTYPES:
+      raise ConfigError(f"unknown {key} {kw[key]!r}; known: {', '.join(MATMUL_DTYPES)}")
+  if kw.get("attention", "xla") not in ATTENTION_IMPLEMENTATIONS:
+    raise ConfigError(f"unknown attention {kw['attention']!r}; known: "
+                      f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
   if kw.get("posemb", "sincos2d") not in ("sincos2d", "learn"):
     raise ConfigError(f"unknown posemb {kw['posemb']!r}; known: sincos2d, learn")
   if kw.get("masking", "random") not in ("random", "block"):
