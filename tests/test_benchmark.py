@@ -1,8 +1,14 @@
 """The benchmark tool: its FLOP counts agree, and one run reports every figure."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from big_vision.tools import benchmark
 from configs import ae_fmnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("arg", ["method=umd,variant=Mu/4", "method=dit,variant=Mu/2",
@@ -19,8 +25,10 @@ def test_run_reports_every_figure():
   config = ae_fmnist.get_config("variant=Mu/4,batch_size=16,evals=False,sampling_timesteps=3")
   lines = []
   out = benchmark.run(config, steps=2, sample_count=4, input_batches=3, evals=False,
-                      compare=True, log=lines.append)
+                      compare=True, profile_steps=1, log=lines.append)
   train = out["train"]
+  assert train["flops_source"].startswith("XLA cost analysis")  # XLA counts on a CPU.
+  assert train["flops_per_image"] == train["xla_flops_per_image"] > 0
   assert train["images_per_s"] > 0 and train["compile_s"] > 0
   assert train["achieved_flops"] == pytest.approx(train["flops_per_image"]
                                                   * train["images_per_s"])
@@ -32,3 +40,27 @@ def test_run_reports_every_figure():
   for variant in out["train_variants"].values():
     assert variant["images_per_s"] > 0
   assert any(line.startswith("train:") and "of" in line for line in lines)
+  # The profile: device time by category, the matmuls among it, and the costliest ops.
+  prof = train["profile"]
+  assert prof["by_category_ms"]["matmul"] > 0 and prof["top_ops"]
+  assert any(line.startswith("profile:") for line in lines)
+
+
+def test_step_and_sampler_need_no_tensorflow():
+  """A GPU box without TensorFlow can still time the step: nothing on that path imports
+  it (the input pipeline is imported only to time the input)."""
+  code = ("import sys\n"
+          "class Block:\n"
+          "  def find_spec(self, name, path=None, target=None):\n"
+          "    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'wandb'):\n"
+          "      raise ImportError('blocked ' + name)\n"
+          "sys.meta_path.insert(0, Block())\n"
+          "from big_vision.tools import benchmark\n"
+          "from configs import ae_i1k\n"
+          "c = ae_i1k.get_config('variant=Mu/4,size=16,batch_size=4,sampling_timesteps=2')\n"
+          "step, (model, diffusion, state) = benchmark.bench_train_step(c, 1)\n"
+          "s = benchmark.bench_sampling(c, model, diffusion, state['params'], 2)\n"
+          "print('ok', step['images_per_s'] > 0 and s['images_per_s'] > 0)\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+  assert result.returncode == 0 and "ok True" in result.stdout, result.stderr[-2000:]

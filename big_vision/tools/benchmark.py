@@ -33,12 +33,12 @@ import jax.numpy as jnp
 from big_vision import config_cli
 from big_vision import diffusion as diffusion_lib
 from big_vision import host_allocator
-from big_vision import input_pipeline
 from big_vision import methods
 from big_vision import objective
 from big_vision import optimizer as optimizer_lib
+from big_vision import profile
 from big_vision import sharding
-from big_vision import train
+from big_vision import train_step
 from big_vision.models import ae
 from big_vision.models import masking
 
@@ -83,14 +83,14 @@ def _setup(config, total_steps=1000):
   model = ae.build_model(config.model)
   diffusion = diffusion_lib.GaussianDiffusion.create(config.diffusion.schedule,
                                                      config.diffusion.timesteps)
-  init_params = train.make_init_params(model)
+  init_params = train_step.make_init_params(model)
   abstract = jax.eval_shape(init_params, jax.random.PRNGKey(0))
   tx, lr_fn = optimizer_lib.make(config, abstract, total_steps, 10)
-  init_state = train.make_init_state(config, init_params, tx)
+  init_state = train_step.make_init_state(config, init_params, tx)
   state_shardings = sharding.tree_shardings(jax.eval_shape(init_state, jax.random.PRNGKey(0)),
                                             mesh, config.param_sharding)
   data_sharding = sharding.batch_sharding(mesh)
-  update = train.make_update(config, model, diffusion, tx, lr_fn, jax.random.PRNGKey(1),
+  update = train_step.make_update(config, model, diffusion, tx, lr_fn, jax.random.PRNGKey(1),
                              config.input.batch_size, mesh.devices.size)
   update = jax.jit(update, in_shardings=(state_shardings, data_sharding),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
@@ -195,21 +195,43 @@ def analytic_flops_per_image(config):
   return 3 * total / b
 
 
+def _xla_flops_per_image(lowered, compiled, batch_size):
+  """XLA's FLOP count of the step per image, or None where XLA cannot count it.
+
+  The lowered HLO is counted where the backend can (the CPU); else the compiled program,
+  but only on a CPU: a GPU program's matmuls are library calls (cuBLAS, cuDNN) that XLA's
+  cost analysis counts as zero (23 of 108 GFLOP per image for B/4 on an H100).
+  """
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if (not cost or "flops" not in cost) and jax.devices()[0].platform == "cpu":
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"]) / batch_size
+
+
+def _is_plain(config):
+  return not config.model.scan and config.model.remat_policy == "none"
+
+
 def flops_per_image(config):
-  """Forward + backward FLOPs per image of the training step, unscanned and un-remat."""
+  """XLA's forward + backward FLOPs per image of the step, unscanned and un-remat (None
+  where XLA cannot count them)."""
   plain = copy.deepcopy(config)
   plain.model.scan = False
   plain.model.remat_policy = "none"
   _, _, update, state, batch = _setup(plain)
-  cost = update.lower(state, batch).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]) / config.input.batch_size
+  lowered = update.lower(state, batch)
+  return _xla_flops_per_image(lowered, lowered.compile(), config.input.batch_size)
 
 
-def bench_train_step(config, steps):
+def bench_train_step(config, steps, profile_steps=0):
   model, diffusion, update, state, batch = _setup(config)
   start = time.perf_counter()
-  compiled = update.lower(state, batch).compile()
+  lowered = update.lower(state, batch)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   for _ in range(2):  # Warm-up.
     state, metrics = compiled(state, batch)
@@ -223,22 +245,32 @@ def bench_train_step(config, steps):
   step_s = statistics.median(times)
   mem, mem_how = peak_memory_bytes()
   xla_bytes = xla_memory_bytes(compiled)
-  return dict(images_per_s=config.input.batch_size / step_s, step_s=step_s,
-              compile_s=compile_s, peak_memory_bytes=mem, peak_memory_source=mem_how,
-              xla_memory_analysis_bytes=xla_bytes), (model, diffusion, state)
+  result = dict(images_per_s=config.input.batch_size / step_s, step_s=step_s,
+                compile_s=compile_s, peak_memory_bytes=mem, peak_memory_source=mem_how,
+                xla_memory_analysis_bytes=xla_bytes)
+  if _is_plain(config):  # The FLOP count needs no second compilation.
+    result["xla_flops_per_image"] = _xla_flops_per_image(lowered, compiled,
+                                                         config.input.batch_size)
+  if profile_steps:
+    def run_steps(state):
+      for _ in range(profile_steps):
+        state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      return state
+    state, result["profile"] = profile.profile(run_steps, state, profile_steps)
+  return result, (model, diffusion, state)
 
 
 def bench_sampling(config, model, diffusion, params, num_samples):
   """img/s of DDIM at the config's sampling_timesteps, as the sampling evaluator runs it
   (one jitted call per batch), without its reference data."""
-  from big_vision.evaluators import sampling  # pylint: disable=g-import-not-at-top
   h, w = model.image_size
   steps = config.diffusion.sampling_timesteps
   labels = model.null_labels(num_samples) if model.num_classes else None
 
   def generate(params, rng):
     return diffusion_lib.ddim_sample(
-        sampling.model_eps_fn(model, params), diffusion, (num_samples, h, w, model.channels),
+        objective.model_eps_fn(model, params), diffusion, (num_samples, h, w, model.channels),
         rng, sampling_timesteps=steps, eta=config.diffusion.get("eta", 0.0),
         clip_x0=config.diffusion.get("clip_x0", True), labels=labels,
         null_label=model.num_classes if model.num_classes else None)
@@ -255,6 +287,8 @@ def bench_sampling(config, model, diffusion, params, num_samples):
 
 
 def bench_input(config, batches):
+  # Imported here: the step and the sampler are timed without TensorFlow installed.
+  from big_vision import input_pipeline  # pylint: disable=g-import-not-at-top
   ds, _ = input_pipeline.training(config.input, seed=0)
   it = ds.as_numpy_iterator()
   next(it)
@@ -286,48 +320,60 @@ def bench_evals(config, model, diffusion, params):
 
 
 def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compare=False,
-        log=print):
+        sampling=True, profile_steps=0, log=print):
   device = jax.devices()[0]
   out = dict(device=device.device_kind, platform=device.platform,
              num_devices=jax.device_count(), batch_size=config.input.batch_size,
              variant=config.model.variant, image_size=config.model.image_size,
              dtype_mm=config.model.dtype_mm, scan=config.model.scan,
              remat_policy=config.model.remat_policy,
+             attention=config.model.get("attention", "xla"),
              one_model_call=config.get("one_model_call", True),
-             host_allocator=host_allocator.active())
+             host_allocator=host_allocator.active(), jax_version=jax.__version__)
   if out["platform"] == "cpu" and out["host_allocator"] == "glibc":
     log("note: glibc malloc; see big_vision/host_allocator.py (BV_JEMALLOC=0 was set, or "
         "jemalloc is not installed)")
   peak, peak_how = device_peak()
   out.update(peak_flops=peak, peak_source=peak_how)
-  step, (model, diffusion, state) = bench_train_step(config, steps)
+  step, (model, diffusion, state) = bench_train_step(config, steps, profile_steps)
   out["train"] = step
-  fpi = flops_per_image(config)
-  achieved = fpi * step["images_per_s"]
+  xla = step["xla_flops_per_image"] if "xla_flops_per_image" in step else flops_per_image(
+      config)
   analytic = analytic_flops_per_image(config)
-  out["train"].update(flops_per_image=fpi, flops_source="XLA cost analysis, unscanned, no remat",
+  if xla:
+    fpi, source = xla, "XLA cost analysis, unscanned, no remat"
+  else:
+    fpi, source = analytic, (f"analytic matmul count (XLA's cost analysis on {device.platform} "
+                             "counts library matmuls as zero)")
+  achieved = fpi * step["images_per_s"]
+  out["train"].update(flops_per_image=fpi, flops_source=source, xla_flops_per_image=xla,
                       analytic_matmul_flops_per_image=analytic,
                       achieved_flops=achieved, fraction_of_peak=achieved / peak,
                       fraction_of_peak_analytic=analytic * step["images_per_s"] / peak)
   log(f"train: {step['images_per_s']:.1f} img/s, step {step['step_s'] * 1e3:.1f} ms, "
-      f"compile {step['compile_s']:.1f} s, {fpi / 1e9:.2f} GFLOP/img, "
-      f"(analytic matmuls {analytic / 1e9:.2f}), "
+      f"compile {step['compile_s']:.1f} s, {fpi / 1e9:.2f} GFLOP/img ({source}; "
+      f"analytic matmuls {analytic / 1e9:.2f}), "
       f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of {peak / 1e9:.1f} GFLOP/s "
       f"({peak_how}); peak memory {step['peak_memory_bytes'] / 2**30:.2f} GiB")
+  if profile_steps:
+    for line in profile.format_summary(step["profile"]):
+      log(line)
   if compare:
     log("variants of the step:")
     out["train_variants"] = compare_variants(config, steps, step["images_per_s"], log)
   params = state["params"]
-  n = sample_count or min(config.input.batch_size, 64)
-  out["sampling"] = bench_sampling(config, model, diffusion, params, n)
-  log(f"sampling: {out['sampling']['images_per_s']:.2f} img/s with "
-      f"{out['sampling']['sampling_timesteps']} {out['sampling']['sampler']} steps "
-      f"({'all in one program' if out['sampling']['steps_in_one_program'] else 'NOT one program'})")
+  if sampling:
+    n = sample_count or min(config.input.batch_size, 64)
+    out["sampling"] = bench_sampling(config, model, diffusion, params, n)
+    log(f"sampling: {out['sampling']['images_per_s']:.2f} img/s with "
+        f"{out['sampling']['sampling_timesteps']} {out['sampling']['sampler']} steps, "
+        f"{n} images a batch ("
+        f"{'all in one program' if out['sampling']['steps_in_one_program'] else 'NOT one program'})")
   try:
     out["input"] = bench_input(config, input_batches)
     log(f"input pipeline: {out['input']['images_per_s']:.0f} img/s "
         f"({out['input']['images_per_s'] / step['images_per_s']:.1f}x the training step)")
-  except FileNotFoundError as e:  # The dataset is not prepared on this machine.
+  except (FileNotFoundError, ImportError) as e:  # No dataset or no TensorFlow here.
     out["input"] = f"skipped: {e}"
     log(f"input pipeline: skipped: {e}")
   if evals:
@@ -349,7 +395,7 @@ def main(argv, config):
           f"temporaries of the step, {out['compiled_for']} buffer assignment)")
   else:
     out = run(config, steps=f.steps, sample_count=f.samples, evals=f.evals,
-              compare=f.compare)
+              compare=f.compare, sampling=f.sampling, profile_steps=f.profile_steps)
   if f.out:
     with open(f.out, "w") as fh:
       json.dump(out, fh, indent=2, default=float)
@@ -361,6 +407,9 @@ if __name__ == "__main__":
   flags.DEFINE_integer("steps", 10, "Timed training steps (after compilation).")
   flags.DEFINE_integer("samples", None, "Images to sample (default: min(batch, 64)).")
   flags.DEFINE_bool("evals", True, "Also time the few-shot probe and FID.")
+  flags.DEFINE_bool("sampling", True, "Also time the config's sampler.")
+  flags.DEFINE_integer("profile_steps", 0, "Also trace this many steps with jax.profiler "
+                       "and print the device time by category and the costliest ops.")
   flags.DEFINE_string("out", None, "Write the figures as JSON here.")
   flags.DEFINE_bool("compare", False, "Also time the straightforward objective, scan and remat.")
   flags.DEFINE_bool("compile_only", False, "Only compile the step; report XLA's memory estimate.")

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue 6's accelerator figures: UMD-B/4 at 64x64, batch 256 on one GPU, bfloat16 matmuls,
+# no scan, no remat; each variant in a process of its own (one failing leaves the others).
+#
+#   bash scripts/benchmark_gpu.sh OUT_DIR [VARIANT ...]
+#
+# Variants: xla (XLA attention, float32 residual stream: the config's own), cudnn (cuDNN's
+# fused attention), cudnn_bf16 (and a bfloat16 residual stream), xla_bf16, profile
+# (cudnn_bf16 with a profile of 3 steps), cublaslt (cudnn_bf16 with XLA's cuBLASLt
+# epilogue fusion), notriton (cudnn_bf16, cuBLAS for every matmul), b512 and
+# b512_cublaslt (batch 512), compare (the --compare table: straightforward objective, scan,
+# remat). Default: the first four. Each writes OUT_DIR/NAME.json and its log to
+# LOG_DIR/NAME.log (default OUT_DIR); a table of all of them is printed last.
+# Synthetic batches: imagenet2012 need not be prepared (the input figure is then skipped).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bash scripts/benchmark_gpu.sh OUT_DIR [VARIANT ...]}
+shift
+variants=("$@")
+[ ${#variants[@]} -gt 0 ] || variants=(xla cudnn cudnn_bf16 xla_bf16)
+python=${PYTHON:-python3}
+logs=${LOG_DIR:-$out}
+mkdir -p "$out" "$logs"
+# Grow GPU memory on demand, so that the device's peak bytes in use are the step's own.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+config=${BENCH_CONFIG:-configs/ae_i1k.py:variant=B/4,size=64,batch_size=256,dtype_mm=bfloat16}
+common=(--evals=false --steps "${STEPS:-20}")
+
+bench() {  # NAME CONFIG_SUFFIX [FLAGS...]
+  local name=$1 suffix=$2
+  shift 2
+  echo "== $name: $config$suffix $*"
+  timeout "${VARIANT_TIMEOUT:-400}" "$python" -m big_vision.tools.benchmark \
+      --config "$config$suffix" "${common[@]}" --out "$out/$name.json" "$@" \
+      > "$logs/$name.log" 2>&1
+  echo "   exit $?"
+  grep -E "^(train|sampling|profile|  )|Error|error:" "$logs/$name.log" | tail -n 40
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
+for v in "${variants[@]}"; do
+  case $v in
+    xla) bench xla ",attention=xla" --samples 256 ;;
+    cudnn) bench cudnn ",attention=cudnn" --sampling=false ;;
+    cudnn_bf16) bench cudnn_bf16 ",attention=cudnn,dtype_activations=bfloat16" --samples 256 ;;
+    xla_bf16) bench xla_bf16 ",attention=xla,dtype_activations=bfloat16" --sampling=false ;;
+    profile) bench profile ",attention=cudnn,dtype_activations=bfloat16" --sampling=false \
+        --profile_steps 3 ;;
+    cublaslt) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=true" \
+        bench cublaslt ",attention=cudnn,dtype_activations=bfloat16" --sampling=false ;;
+    notriton) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+        bench notriton ",attention=cudnn,dtype_activations=bfloat16" --sampling=false ;;
+    b512) bench b512 ",attention=cudnn,dtype_activations=bfloat16,batch_size=512" \
+        --sampling=false ;;
+    b512_cublaslt) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=true" \
+        bench b512_cublaslt ",attention=cudnn,dtype_activations=bfloat16,batch_size=512" \
+        --sampling=false ;;
+    compare) bench compare ",attention=${COMPARE_ATTENTION:-cudnn},dtype_activations=${COMPARE_ACTIVATIONS:-bfloat16}" \
+        --sampling=false --compare ;;
+    *) echo "unknown variant $v; known: xla cudnn cudnn_bf16 xla_bf16 profile cublaslt" \
+         "notriton b512 b512_cublaslt compare" >&2; exit 2 ;;
+  esac
+done
+
+"$python" - "$out" <<'EOF'
+import glob, json, os, sys
+rows = []
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+  r = json.load(open(path))
+  t = r["train"]
+  s = r.get("sampling") or {}
+  rows.append((os.path.basename(path)[:-5], r["device"], f"{t['images_per_s']:.0f}",
+               f"{t['step_s'] * 1e3:.1f}", f"{t['fraction_of_peak_analytic']:.1%}",
+               f"{t['fraction_of_peak']:.1%}", f"{t['peak_memory_bytes'] / 2**30:.1f}",
+               f"{s['images_per_s']:.1f}" if s else "-",
+               str(s.get("steps_in_one_program", "-"))))
+head = ("variant", "device", "img/s", "step ms", "MFU analytic", "MFU XLA", "peak GiB",
+        "DDIM img/s", "one program")
+for row in [head] + rows:
+  print(" | ".join(row))
+EOF
