@@ -33,6 +33,9 @@ def test_run_reports_every_figure():
   assert train["achieved_flops"] == pytest.approx(train["flops_per_image"]
                                                   * train["images_per_s"])
   assert 0 < train["fraction_of_peak"] < 1.5 and out["peak_flops"] > 1e9
+  # Each timed step is compared with matmuls timed right before and after it.
+  assert len(train["matmul_rates_between_steps"]) == len(train["step_times_s"]) + 1 == 3
+  assert 0 < train["fraction_of_peak_paired"] < 1.5
   assert out["host_allocator"] in ("tcmalloc", "jemalloc", "glibc")
   assert out["sampling"]["steps_in_one_program"] and out["sampling"]["sampling_timesteps"] == 3
   assert out["input"]["images_per_s"] > 0

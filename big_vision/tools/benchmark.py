@@ -46,17 +46,23 @@ from big_vision.models import masking
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
-def matmul_peak(n=2048, dtype=jnp.float32, repeats=10):
-  """FLOP/s of an n x n matmul on the default device, the CPU's reference peak."""
+def matmul_timer(n=2048, dtype=jnp.float32):
+  """A function that runs one n x n matmul on the default device and returns its FLOP/s."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
+
+  def rate():
     start = time.perf_counter()
     f(a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * n ** 3 / statistics.median(times)
+    return 2 * n ** 3 / (time.perf_counter() - start)
+  return rate
+
+
+def matmul_peak(n=2048, dtype=jnp.float32, repeats=10):
+  """FLOP/s of an n x n matmul on the default device, the CPU's reference peak."""
+  rate = matmul_timer(n, dtype)
+  return statistics.median(rate() for _ in range(repeats))
 
 
 def device_peak():
@@ -227,7 +233,10 @@ def flops_per_image(config):
   return _xla_flops_per_image(lowered, lowered.compile(), config.input.batch_size)
 
 
-def bench_train_step(config, steps, profile_steps=0):
+def bench_train_step(config, steps, profile_steps=0, between_steps=None):
+  """Times `steps` compiled steps after a warm-up. between_steps(), if given, runs before
+  the first and after each timed step, and its steps + 1 results are returned (the CPU's
+  matmul rate, so that each step is compared with the machine's speed around it)."""
   model, diffusion, update, state, batch = _setup(config)
   start = time.perf_counter()
   lowered = update.lower(state, batch)
@@ -236,18 +245,22 @@ def bench_train_step(config, steps, profile_steps=0):
   for _ in range(2):  # Warm-up.
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
-  times = []
+  times, between = [], [between_steps()] if between_steps else []
   for _ in range(steps):
     start = time.perf_counter()
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
+    if between_steps:
+      between.append(between_steps())
   step_s = statistics.median(times)
   mem, mem_how = peak_memory_bytes()
   xla_bytes = xla_memory_bytes(compiled)
   result = dict(images_per_s=config.input.batch_size / step_s, step_s=step_s,
                 compile_s=compile_s, peak_memory_bytes=mem, peak_memory_source=mem_how,
-                xla_memory_analysis_bytes=xla_bytes)
+                xla_memory_analysis_bytes=xla_bytes, step_times_s=times)
+  if between_steps:
+    result["between_steps"] = between
   if _is_plain(config):  # The FLOP count needs no second compilation.
     result["xla_flops_per_image"] = _xla_flops_per_image(lowered, compiled,
                                                          config.input.batch_size)
@@ -335,7 +348,11 @@ def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compa
         "jemalloc is not installed)")
   peak, peak_how = device_peak()
   out.update(peak_flops=peak, peak_source=peak_how)
-  step, (model, diffusion, state) = bench_train_step(config, steps, profile_steps)
+  # On a CPU, a reference matmul is timed before and after each timed step: machines
+  # shared with other work change speed within seconds (the 2048^2 rate moved between 85
+  # and 141 GFLOP/s within one run), and a step is best compared with its neighbours.
+  paired = matmul_timer() if device.platform == "cpu" else None
+  step, (model, diffusion, state) = bench_train_step(config, steps, profile_steps, paired)
   out["train"] = step
   xla = step["xla_flops_per_image"] if "xla_flops_per_image" in step else flops_per_image(
       config)
@@ -350,11 +367,23 @@ def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compa
                       analytic_matmul_flops_per_image=analytic,
                       achieved_flops=achieved, fraction_of_peak=achieved / peak,
                       fraction_of_peak_analytic=analytic * step["images_per_s"] / peak)
+  if paired:
+    rates = step.pop("between_steps")
+    b, n = config.input.batch_size, jax.device_count()
+    out["train"].update(
+        matmul_rates_between_steps=rates,
+        fraction_of_peak_paired=statistics.median(
+            2 * fpi * b / t / ((before + after) * n)
+            for t, before, after in zip(step["step_times_s"], rates, rates[1:])))
   log(f"train: {step['images_per_s']:.1f} img/s, step {step['step_s'] * 1e3:.1f} ms, "
       f"compile {step['compile_s']:.1f} s, {fpi / 1e9:.2f} GFLOP/img ({source}; "
       f"analytic matmuls {analytic / 1e9:.2f}), "
       f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of {peak / 1e9:.1f} GFLOP/s "
       f"({peak_how}); peak memory {step['peak_memory_bytes'] / 2**30:.2f} GiB")
+  if paired:
+    log(f"  against the matmuls timed right before and after each step: "
+        f"{out['train']['fraction_of_peak_paired']:.1%} (median of {steps} pairs; that "
+        f"matmul ran at {min(rates) / 1e9:.0f}-{max(rates) / 1e9:.0f} GFLOP/s a device)")
   if profile_steps:
     for line in profile.format_summary(step["profile"]):
       log(line)
