@@ -4,7 +4,8 @@ r"""Trains the masked-diffusion auto-encoder (UMD, MAE, DiT, MaskDiT by config).
 
 Reads top to bottom: config -> data -> model -> optimizer -> shardings -> state
 (fresh, resumed or init_from) -> loop (log, checkpoint, pictures) -> final save.
-Running again on the same workdir resumes from its last checkpoint.
+Running again on the same workdir resumes from its last checkpoint. The step itself
+(state init and the update function) is built in train_step.py.
 """
 import functools
 import os
