@@ -13,7 +13,7 @@
 # LOG_DIR/NAME.log (default OUT_DIR); a table of all of them is printed last.
 # Synthetic batches: imagenet2012 need not be prepared (the input figure is then skipped).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out=${1:?usage: bash scripts/benchmark_gpu.sh OUT_DIR [VARIANT ...]}
 shift
 variants=("$@")

@@ -38,7 +38,9 @@ def _commands(stdout):
   return [shlex.split(l[2:]) for l in lines]
 
 
-@pytest.mark.parametrize("script", ["run_tpu.sh", "ibrun.sh"])
+@pytest.mark.parametrize("script", ["run_tpu.sh", "ibrun.sh", "scripts/benchmark_gpu.sh",
+                                    "scripts/setup.sh", "scripts/test.sh",
+                                    "scripts/train_fmnist.sh", ".ci/run"])
 def test_shellcheck_clean(script):
   if shutil.which("shellcheck") is None:
     pytest.skip("shellcheck is not installed (CI installs it: apt-get install -y shellcheck)")
@@ -271,3 +273,10 @@ def test_ibrun_usage_errors(tmp_path, args, message):
   assert out.stdout == ""
   out = _run("ibrun.sh", ["--launcher", "srun"], path_dir=str(tmp_path))
   assert out.returncode == 2 and "no trainer arguments after --" in out.stderr
+
+
+def test_benchmark_gpu_script_names_an_unknown_variant(tmp_path):
+  out = subprocess.run(["bash", os.path.join(ROOT, "scripts/benchmark_gpu.sh"),
+                        str(tmp_path / "out"), "flash"], capture_output=True, text=True)
+  assert out.returncode == 2
+  assert "unknown variant flash; known: xla cudnn cudnn_bf16" in out.stderr
