@@ -201,21 +201,22 @@ def analytic_flops_per_image(config):
   return 3 * total / b
 
 
-def _xla_flops_per_image(lowered, compiled, batch_size):
+def _xla_flops_per_image(lowered, batch_size, compiled=None):
   """XLA's FLOP count of the step per image, or None where XLA cannot count it.
 
-  The lowered HLO is counted where the backend can (the CPU); else the compiled program,
-  but only on a CPU: a GPU program's matmuls are library calls (cuBLAS, cuDNN) that XLA's
-  cost analysis counts as zero (23 of 108 GFLOP per image for B/4 on an H100).
+  The lowered HLO is counted where the backend can (the CPU); else the compiled program
+  (compiled here if not given), but only on a CPU: a GPU program's matmuls are library
+  calls (cuBLAS, cuDNN) that XLA's cost analysis counts as zero (23 of 108 GFLOP per
+  image for B/4 on an H100).
   """
-  cost = lowered.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  if (not cost or "flops" not in cost) and jax.devices()[0].platform == "cpu":
-    cost = compiled.cost_analysis()
+  def flops(stage):
+    cost = stage.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  if not cost or "flops" not in cost:
-    return None
-  return float(cost["flops"]) / batch_size
+    return float(cost["flops"]) if cost and "flops" in cost else None
+  count = flops(lowered)
+  if count is None and jax.devices()[0].platform == "cpu":
+    count = flops(compiled or lowered.compile())
+  return None if count is None else count / batch_size
 
 
 def _is_plain(config):
@@ -229,8 +230,7 @@ def flops_per_image(config):
   plain.model.scan = False
   plain.model.remat_policy = "none"
   _, _, update, state, batch = _setup(plain)
-  lowered = update.lower(state, batch)
-  return _xla_flops_per_image(lowered, lowered.compile(), config.input.batch_size)
+  return _xla_flops_per_image(update.lower(state, batch), config.input.batch_size)
 
 
 def bench_train_step(config, steps, profile_steps=0, between_steps=None):
@@ -262,8 +262,8 @@ def bench_train_step(config, steps, profile_steps=0, between_steps=None):
   if between_steps:
     result["between_steps"] = between
   if _is_plain(config):  # The FLOP count needs no second compilation.
-    result["xla_flops_per_image"] = _xla_flops_per_image(lowered, compiled,
-                                                         config.input.batch_size)
+    result["xla_flops_per_image"] = _xla_flops_per_image(lowered, config.input.batch_size,
+                                                         compiled)
   if profile_steps:
     def run_steps(state):
       for _ in range(profile_steps):
