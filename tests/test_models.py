@@ -154,6 +154,27 @@ def test_scan_and_remat_match_unrolled():
                              rtol=1e-4, atol=1e-7)
 
 
+def test_token_dense_is_dense():
+  """The flat-matmul Dense has nn.Dense's parameters, outputs and gradients."""
+  x = jax.random.normal(jax.random.PRNGKey(3), (3, 5, 8))
+  dense, token_dense = ae.nn.Dense(6), ae.TokenDense(6)
+  params = dense.init(jax.random.PRNGKey(4), x)
+  assert (jax.tree_util.tree_map(jnp.shape, token_dense.init(jax.random.PRNGKey(4), x))
+          == jax.tree_util.tree_map(jnp.shape, params))
+
+  def loss(module, p, x):
+    return jnp.sum(jnp.sin(module.apply(p, x)))
+
+  for argnums in (1, 2):
+    want = jax.grad(loss, argnums)(dense, params, x)
+    got = jax.grad(loss, argnums)(token_dense, params, x)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                                   atol=1e-6), want, got)
+  np.testing.assert_allclose(token_dense.apply(params, x), dense.apply(params, x),
+                             rtol=1e-5, atol=1e-6)
+  assert token_dense.apply(params, x).shape == (3, 5, 6)
+
+
 def test_bfloat16_matmuls_close_to_float32():
   x, t = _images(), jnp.array([0, 10, 999])
   m32 = ae.build_model(dict(variant="Mu/4", image_size=16))

@@ -94,6 +94,24 @@ def _modulate(x, shift, scale):
 _dense_init = nn.initializers.xavier_uniform()
 
 
+class TokenDense(nn.Dense):
+  """nn.Dense over [..., tokens, features], computed as one [B*N, in] x [in, out] matmul.
+
+  Same parameters and result as nn.Dense. Why: for a 3-D input, XLA:CPU lays out the
+  weight gradient's dot (contracting batch and tokens) so that it first copies the output
+  gradient or the input into a transposed buffer, once per Dense per step; on the flat
+  2-D product it reads both in place. On the S/4 UMD step this removed 117 of 148 such
+  copies and made the step ~15% faster on a 2-core CPU (docs/BENCHMARKS.md). On
+  accelerators the reshapes are free.
+  """
+
+  @nn.compact
+  def __call__(self, inputs):
+    leading = inputs.shape[:-1]
+    flat = super().__call__(inputs.reshape((-1, inputs.shape[-1])))
+    return flat.reshape(leading + flat.shape[-1:])
+
+
 def cudnn_attention_available():
   """cuDNN's fused attention runs on NVIDIA GPUs from Ampere (compute capability 8.0) on."""
   device = jax.devices()[0]
@@ -130,12 +148,12 @@ class Attention(nn.Module):
     b, n, d = x.shape
     if d % self.num_heads:
       raise ConfigError(f"width {d} is not divisible by num_heads {self.num_heads}")
-    qkv = nn.Dense(3 * d, kernel_init=_dense_init, dtype=self.dtype, name="qkv")(x)
+    qkv = TokenDense(3 * d, kernel_init=_dense_init, dtype=self.dtype, name="qkv")(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
     out = jax.nn.dot_product_attention(
         q[:, :, 0], k[:, :, 0], v[:, :, 0],
         implementation=attention_implementation(self.attention, self.dtype))
-    return nn.Dense(d, kernel_init=_dense_init, dtype=self.dtype, name="proj")(
+    return TokenDense(d, kernel_init=_dense_init, dtype=self.dtype, name="proj")(
         out.reshape(b, n, d))
 
 
@@ -146,9 +164,9 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, kernel_init=_dense_init, dtype=self.dtype, name="fc1")(x)
+    x = TokenDense(self.mlp_dim, kernel_init=_dense_init, dtype=self.dtype, name="fc1")(x)
     x = nn.gelu(x, approximate=True)
-    return nn.Dense(d, kernel_init=_dense_init, dtype=self.dtype, name="fc2")(x)
+    return TokenDense(d, kernel_init=_dense_init, dtype=self.dtype, name="fc2")(x)
 
 
 class Block(nn.Module):
@@ -252,7 +270,7 @@ class Model(nn.Module):
     dtype = MATMUL_DTYPES[self.dtype_mm]
     stack = dict(adaln=self.adaln, scan=self.scan, remat_policy=self.remat_policy, dtype=dtype,
                  attention=self.attention, act_dtype=MATMUL_DTYPES[self.dtype_activations])
-    self.patch_embedding = nn.Dense(self.width, kernel_init=_dense_init, dtype=dtype)
+    self.patch_embedding = TokenDense(self.width, kernel_init=_dense_init, dtype=dtype)
     if self.posemb == "learn":
       self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02),
                                       (1, self.num_patches, self.width))
@@ -270,7 +288,7 @@ class Model(nn.Module):
                                                    self.label_dropout)
     self.encoder = Stack(self.depth, self.mlp_dim, self.num_heads, **stack)
     self.encoder_norm = nn.LayerNorm()
-    self.decoder_embed = nn.Dense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
+    self.decoder_embed = TokenDense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
     self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
                                  (1, 1, self.decoder_width))
     if not self.adaln:
@@ -281,7 +299,7 @@ class Model(nn.Module):
     if self.adaln:
       self.final_modulation = nn.Dense(2 * self.decoder_width,
                                        kernel_init=nn.initializers.zeros)
-    self.head = nn.Dense(self.patch_size ** 2 * 2 * self.channels,
+    self.head = TokenDense(self.patch_size ** 2 * 2 * self.channels,
                          kernel_init=nn.initializers.zeros)
 
   def null_labels(self, batch_size):
