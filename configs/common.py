@@ -22,6 +22,7 @@ COMMON_OPTIONS = dict(
     dtype_mm="float32",
     dtype_activations="float32",  # bfloat16: the residual stream too (accelerators).
     attention="xla",   # auto: cuDNN's fused attention on a GPU with bf16 matmuls.
+    flat_dense=True,   # Token Dense layers as one flat matmul (False: nn.Dense's 3-D dot).
     fsdp=False,
     batch_size=256,
     epochs=0.0,        # Either epochs or total_steps sets the run's length.
@@ -68,6 +69,7 @@ def model(arg, image_size, channels, num_classes, decoder_rule):
       dtype_mm=arg.dtype_mm,
       dtype_activations=arg.dtype_activations,
       attention=arg.attention,
+      flat_dense=arg.flat_dense,
   ))
 
 

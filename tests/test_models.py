@@ -157,7 +157,7 @@ def test_scan_and_remat_match_unrolled():
 def test_token_dense_is_dense():
   """The flat-matmul Dense has nn.Dense's parameters, outputs and gradients."""
   x = jax.random.normal(jax.random.PRNGKey(3), (3, 5, 8))
-  dense, token_dense = ae.nn.Dense(6), ae.TokenDense(6)
+  dense, token_dense = ae.dense_module(False)(6), ae.dense_module(True)(6)
   params = dense.init(jax.random.PRNGKey(4), x)
   assert (jax.tree_util.tree_map(jnp.shape, token_dense.init(jax.random.PRNGKey(4), x))
           == jax.tree_util.tree_map(jnp.shape, params))
@@ -173,6 +173,25 @@ def test_token_dense_is_dense():
   np.testing.assert_allclose(token_dense.apply(params, x), dense.apply(params, x),
                              rtol=1e-5, atol=1e-6)
   assert token_dense.apply(params, x).shape == (3, 5, 6)
+
+
+def test_flat_dense_model_matches_nn_dense_model():
+  """The default model (flat_dense) computes the loss and gradients of nn.Dense's."""
+  x, t = _images(), jnp.array([0, 10, 999])
+  kw = dict(variant="Mu/4", image_size=16)
+  flat, plain = ae.build_model(kw), ae.build_model(dict(kw, flat_dense=False))
+  assert flat.flat_dense and not plain.flat_dense
+  params = _perturbed(plain.init(RNGS, x, t)["params"])
+
+  def loss(p, model):
+    out = model.apply({"params": p}, x, t, mask_ratio=0.5, rngs=RNGS)
+    return jnp.mean(out["eps"] ** 2 + out["x0"] ** 2)
+
+  l1, g1 = jax.value_and_grad(loss)(params, plain)
+  l2, g2 = jax.value_and_grad(loss)(params, flat)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                         g1, g2)
 
 
 def test_bfloat16_matmuls_close_to_float32():
@@ -256,6 +275,8 @@ def test_representation_is_clean_unmasked_and_deterministic():
      "unknown dtype_activations 'fp8'"),
     (dict(variant="B/4", image_size=64, attention="flash"),
      "unknown attention 'flash'; known: auto, xla, cudnn"),
+    (dict(variant="B/4", image_size=64, flat_dense="yes"),
+     "flat_dense must be True or False, not 'yes'"),
     (dict(variant="B/4", image_size=64, colour=True), r"unknown model option\(s\) colour"),
 ])
 def test_bad_model_config(cfg, match):

@@ -138,35 +138,44 @@ def attention_implementation(attention, dtype):
   return attention
 
 
+def dense_module(flat_dense):
+  """TokenDense (one flat matmul), or nn.Dense as written (a 3-D dot) for comparison."""
+  return TokenDense if flat_dense else nn.Dense
+
+
 class Attention(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   attention: str = "xla"  # See ATTENTION_IMPLEMENTATIONS.
+  flat_dense: bool = True
 
   @nn.compact
   def __call__(self, x):
     b, n, d = x.shape
     if d % self.num_heads:
       raise ConfigError(f"width {d} is not divisible by num_heads {self.num_heads}")
-    qkv = TokenDense(3 * d, kernel_init=_dense_init, dtype=self.dtype, name="qkv")(x)
+    dense = dense_module(self.flat_dense)
+    qkv = dense(3 * d, kernel_init=_dense_init, dtype=self.dtype, name="qkv")(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
     out = jax.nn.dot_product_attention(
         q[:, :, 0], k[:, :, 0], v[:, :, 0],
         implementation=attention_implementation(self.attention, self.dtype))
-    return TokenDense(d, kernel_init=_dense_init, dtype=self.dtype, name="proj")(
+    return dense(d, kernel_init=_dense_init, dtype=self.dtype, name="proj")(
         out.reshape(b, n, d))
 
 
 class Mlp(nn.Module):
   mlp_dim: int
   dtype: Any = jnp.float32
+  flat_dense: bool = True
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    x = TokenDense(self.mlp_dim, kernel_init=_dense_init, dtype=self.dtype, name="fc1")(x)
+    dense = dense_module(self.flat_dense)
+    x = dense(self.mlp_dim, kernel_init=_dense_init, dtype=self.dtype, name="fc1")(x)
     x = nn.gelu(x, approximate=True)
-    return TokenDense(d, kernel_init=_dense_init, dtype=self.dtype, name="fc2")(x)
+    return dense(d, kernel_init=_dense_init, dtype=self.dtype, name="fc2")(x)
 
 
 class Block(nn.Module):
@@ -177,11 +186,13 @@ class Block(nn.Module):
   dtype: Any = jnp.float32  # Of the matmuls.
   attention: str = "xla"
   act_dtype: Any = jnp.float32  # Of the residual stream and the norms' outputs.
+  flat_dense: bool = True
 
   @nn.compact
   def __call__(self, x, cond):
     d = x.shape[-1]
-    attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
+    attn = Attention(self.num_heads, self.dtype, self.attention, self.flat_dense, name="attn")
+    mlp = Mlp(self.mlp_dim, self.dtype, self.flat_dense, name="mlp")
     if self.adaln:
       mod = nn.Dense(6 * d, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                      name="adaln_modulation")(nn.silu(cond))
@@ -191,11 +202,11 @@ class Block(nn.Module):
       h = _modulate(norm("norm1")(x), shift1, scale1)
       x = x + gate1 * attn(h)
       h = _modulate(norm("norm2")(x), shift2, scale2)
-      x = x + gate2 * Mlp(self.mlp_dim, self.dtype, name="mlp")(h)
+      x = x + gate2 * mlp(h)
     else:
       norm = lambda name: nn.LayerNorm(dtype=self.act_dtype, name=name)
       x = x + attn(norm("norm1")(x))
-      x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x))
+      x = x + mlp(norm("norm2")(x))
     return x.astype(self.act_dtype), None
 
 
@@ -210,6 +221,7 @@ class Stack(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "xla"
   act_dtype: Any = jnp.float32
+  flat_dense: bool = True
 
   @nn.compact
   def __call__(self, x, cond):
@@ -219,7 +231,8 @@ class Stack(nn.Module):
       policy = getattr(jax.checkpoint_policies, self.remat_policy)
       block = nn.remat(Block, policy=policy, prevent_cse=not self.scan)
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, adaln=self.adaln,
-              dtype=self.dtype, attention=self.attention, act_dtype=self.act_dtype)
+              dtype=self.dtype, attention=self.attention, act_dtype=self.act_dtype,
+              flat_dense=self.flat_dense)
     if self.scan:
       scanned = nn.scan(block, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},
@@ -257,6 +270,9 @@ class Model(nn.Module):
   # bfloat16 halves the memory traffic of the elementwise work around the matmuls.
   dtype_activations: str = "float32"
   attention: str = "xla"  # See ATTENTION_IMPLEMENTATIONS.
+  # Token Dense layers as one [B*N, in] matmul (TokenDense); False: nn.Dense's 3-D dot,
+  # the same function, slower on XLA:CPU (kept to compare, see TokenDense).
+  flat_dense: bool = True
 
   @property
   def grid(self):
@@ -269,8 +285,10 @@ class Model(nn.Module):
   def setup(self):
     dtype = MATMUL_DTYPES[self.dtype_mm]
     stack = dict(adaln=self.adaln, scan=self.scan, remat_policy=self.remat_policy, dtype=dtype,
-                 attention=self.attention, act_dtype=MATMUL_DTYPES[self.dtype_activations])
-    self.patch_embedding = TokenDense(self.width, kernel_init=_dense_init, dtype=dtype)
+                 attention=self.attention, act_dtype=MATMUL_DTYPES[self.dtype_activations],
+                 flat_dense=self.flat_dense)
+    dense = dense_module(self.flat_dense)
+    self.patch_embedding = dense(self.width, kernel_init=_dense_init, dtype=dtype)
     if self.posemb == "learn":
       self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02),
                                       (1, self.num_patches, self.width))
@@ -288,7 +306,7 @@ class Model(nn.Module):
                                                    self.label_dropout)
     self.encoder = Stack(self.depth, self.mlp_dim, self.num_heads, **stack)
     self.encoder_norm = nn.LayerNorm()
-    self.decoder_embed = TokenDense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
+    self.decoder_embed = dense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
     self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
                                  (1, 1, self.decoder_width))
     if not self.adaln:
@@ -299,7 +317,7 @@ class Model(nn.Module):
     if self.adaln:
       self.final_modulation = nn.Dense(2 * self.decoder_width,
                                        kernel_init=nn.initializers.zeros)
-    self.head = TokenDense(self.patch_size ** 2 * 2 * self.channels,
+    self.head = dense(self.patch_size ** 2 * 2 * self.channels,
                          kernel_init=nn.initializers.zeros)
 
   def null_labels(self, batch_size):
@@ -414,8 +432,8 @@ class Model(nn.Module):
 
 MODEL_OPTIONS = ("variant", "image_size", "channels", "num_cls_tokens", "adaln", "num_classes",
                  "label_dropout", "posemb", "masking", "mask_block_size", "scan", "remat_policy",
-                 "dtype_mm", "dtype_activations", "attention", "decoder_width", "decoder_depth",
-                 "decoder_mlp_dim")
+                 "dtype_mm", "dtype_activations", "attention", "flat_dense", "decoder_width",
+                 "decoder_depth", "decoder_mlp_dim")
 
 
 def _resolve(model_config):
@@ -447,6 +465,8 @@ def _resolve(model_config):
   if kw.get("attention", "xla") not in ATTENTION_IMPLEMENTATIONS:
     raise ConfigError(f"unknown attention {kw['attention']!r}; known: "
                       f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+  if not isinstance(kw.get("flat_dense", True), bool):
+    raise ConfigError(f"flat_dense must be True or False, not {kw['flat_dense']!r}")
   if kw.get("posemb", "sincos2d") not in ("sincos2d", "learn"):
     raise ConfigError(f"unknown posemb {kw['posemb']!r}; known: sincos2d, learn")
   if kw.get("masking", "random") not in ("random", "block"):
