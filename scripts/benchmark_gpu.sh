@@ -8,9 +8,11 @@
 # fused attention), cudnn_bf16 (and a bfloat16 residual stream), xla_bf16, profile
 # (cudnn_bf16 with a profile of 3 steps), cublaslt (cudnn_bf16 with XLA's cuBLASLt
 # epilogue fusion), notriton (cudnn_bf16, cuBLAS for every matmul), b512 and
-# b512_cublaslt (batch 512), compare (the --compare table: straightforward objective, scan,
-# remat). Default: the first four. Each writes OUT_DIR/NAME.json and its log to
-# LOG_DIR/NAME.log (default OUT_DIR); a table of all of them is printed last.
+# b512_cublaslt (batch 512), nn_dense (cudnn_bf16 with nn.Dense's 3-D dots instead of
+# TokenDense's flat matmuls), compare (the --compare table: straightforward objective,
+# nn.Dense, scan, remat, each timed in turns with the config's step). Default: the first
+# four. Each writes OUT_DIR/NAME.json and its log to LOG_DIR/NAME.log (default OUT_DIR);
+# a table of all of them is printed last.
 # Synthetic batches: imagenet2012 need not be prepared (the input figure is then skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -56,10 +58,12 @@ for v in "${variants[@]}"; do
     b512_cublaslt) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=true" \
         bench b512_cublaslt ",attention=cudnn,dtype_activations=bfloat16,batch_size=512" \
         --sampling=false ;;
+    nn_dense) bench nn_dense ",attention=cudnn,dtype_activations=bfloat16,flat_dense=False" \
+        --sampling=false ;;
     compare) bench compare ",attention=${COMPARE_ATTENTION:-cudnn},dtype_activations=${COMPARE_ACTIVATIONS:-bfloat16}" \
         --sampling=false --compare ;;
     *) echo "unknown variant $v; known: xla cudnn cudnn_bf16 xla_bf16 profile cublaslt" \
-         "notriton b512 b512_cublaslt compare" >&2; exit 2 ;;
+         "notriton b512 b512_cublaslt nn_dense compare" >&2; exit 2 ;;
   esac
 done
 

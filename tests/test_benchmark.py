@@ -1,5 +1,6 @@
 """The benchmark tool: its FLOP counts agree, and one run reports every figure."""
 import os
+import statistics
 import subprocess
 import sys
 
@@ -42,6 +43,10 @@ def test_run_reports_every_figure():
   assert set(out["train_variants"]) == {name for name, _ in benchmark.VARIANTS}
   for variant in out["train_variants"].values():
     assert variant["images_per_s"] > 0
+    # Timed in turns with the config's own step: one of each per round.
+    assert len(variant["step_times_s"]) == len(variant["config_step_times_s"]) == 2
+    assert variant["time_cost_vs_config"] == pytest.approx(statistics.median(
+        t / b for t, b in zip(variant["step_times_s"], variant["config_step_times_s"])) - 1)
   assert any(line.startswith("train:") and "of" in line for line in lines)
   # The profile: device time by category, the matmuls among it, and the costliest ops.
   prof = train["profile"]
@@ -61,8 +66,9 @@ def test_step_and_sampler_need_no_tensorflow():
           "from big_vision.tools import benchmark\n"
           "from configs import ae_i1k\n"
           "c = ae_i1k.get_config('variant=Mu/4,size=16,batch_size=4,sampling_timesteps=2')\n"
-          "step, (model, diffusion, state) = benchmark.bench_train_step(c, 1)\n"
-          "s = benchmark.bench_sampling(c, model, diffusion, state['params'], 2)\n"
+          "step, compiled = benchmark.bench_train_step(c, 1)\n"
+          "s = benchmark.bench_sampling(c, compiled.model, compiled.diffusion,\n"
+          "                             compiled.state['params'], 2)\n"
           "print('ok', step['images_per_s'] > 0 and s['images_per_s'] > 0)\n")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)

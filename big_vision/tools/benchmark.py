@@ -12,9 +12,10 @@ figure. Sampling: images/s of the config's sampler. Input: images/s of the train
 pipeline alone. Evaluation: seconds of the few-shot probe and of FID on the config's
 sample count (when the feature network's weights exist).
 
-  --compare      also times the step's variants against the config's own: the
-                 straightforward objective (a model call per branch), scan, remat, both;
-                 prints each one's img/s and its cost relative to the config's step.
+  --compare      also times the step's variants against the config's own, one step of
+                 each in turn: the straightforward objective (a model call per branch),
+                 nn.Dense's 3-D dots, both, scan, remat, scan + remat; prints each one's
+                 img/s and its step time relative to the config's (median over rounds).
   --compile_only compiles the step and reports XLA's memory analysis without running it:
                  an estimate of device memory for a device this machine does not have.
 """
@@ -132,6 +133,9 @@ def compile_only(config):
 # The step's variants --compare times: (name, config overrides).
 VARIANTS = (
     ("straightforward objective (a model call per branch)", {"one_model_call": False}),
+    ("nn.Dense as written (a 3-D dot per token Dense)", {"model.flat_dense": False}),
+    ("straightforward objective + nn.Dense", {"one_model_call": False,
+                                             "model.flat_dense": False}),
     ("scan", {"model.scan": True}),
     ("remat nothing_saveable", {"model.remat_policy": "nothing_saveable"}),
     ("remat dots_saveable", {"model.remat_policy": "dots_saveable"}),
@@ -140,24 +144,43 @@ VARIANTS = (
 )
 
 
-def compare_variants(config, steps, base_images_per_s, log=print):
-  """img/s of each variant in VARIANTS and its cost against the config's own step."""
+def _override(config, overrides):
+  """A copy of config with {"a.b": value} overrides."""
+  variant = copy.deepcopy(config)
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = variant
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return variant
+
+
+def compare_variants(config_step, config, steps, log=print):
+  """Each variant in VARIANTS timed against the config's own step, in turns.
+
+  Every round runs one step of the config and then one of each variant: a shared
+  machine's speed drifts within seconds, so a variant's cost is the median over rounds
+  of its step time over the config's step time in the same round.
+  """
+  variants = {name: CompiledStep(_override(config, overrides))
+              for name, overrides in VARIANTS}
+  base, times = [], {name: [] for name in variants}
+  for _ in range(steps):
+    base.append(config_step.run())
+    for name, step in variants.items():
+      times[name].append(step.run())
   result = {}
-  for name, overrides in VARIANTS:
-    variant = copy.deepcopy(config)
-    for key, value in overrides.items():
-      *parents, leaf = key.split(".")
-      node = variant
-      for parent in parents:
-        node = node[parent]
-      node[leaf] = value
-    step, _ = bench_train_step(variant, steps)
-    cost = base_images_per_s / step["images_per_s"] - 1
-    result[name] = dict(images_per_s=step["images_per_s"], step_s=step["step_s"],
-                        time_cost_vs_config=cost,
-                        xla_memory_analysis_bytes=step["xla_memory_analysis_bytes"])
-    log(f"  {name}: {step['images_per_s']:.1f} img/s ({cost:+.1%} step time), XLA memory "
-        f"{step['xla_memory_analysis_bytes'] / 2**30:.2f} GiB")
+  for name, step in variants.items():
+    cost = statistics.median(t / b for t, b in zip(times[name], base)) - 1
+    step_s = statistics.median(times[name])
+    result[name] = dict(images_per_s=config.input.batch_size / step_s, step_s=step_s,
+                        time_cost_vs_config=cost, step_times_s=times[name],
+                        config_step_times_s=base,
+                        xla_memory_analysis_bytes=xla_memory_bytes(step.compiled))
+    log(f"  {name}: {result[name]['images_per_s']:.1f} img/s ({cost:+.1%} step time, "
+        f"median of {steps} rounds), XLA memory "
+        f"{result[name]['xla_memory_analysis_bytes'] / 2**30:.2f} GiB")
   return result
 
 
@@ -233,45 +256,54 @@ def flops_per_image(config):
   return _xla_flops_per_image(update.lower(state, batch), config.input.batch_size)
 
 
+class CompiledStep:
+  """A config's training step, compiled and warmed up, on a fresh state and synthetic batch."""
+
+  def __init__(self, config):
+    self.model, self.diffusion, update, self.state, self.batch = _setup(config)
+    start = time.perf_counter()
+    self.lowered = update.lower(self.state, self.batch)
+    self.compiled = self.lowered.compile()
+    self.compile_s = time.perf_counter() - start
+    for _ in range(2):  # Warm-up.
+      self.run()
+
+  def run(self, n=1):
+    """Runs n steps; returns their wall time in seconds."""
+    start = time.perf_counter()
+    for _ in range(n):
+      self.state, metrics = self.compiled(self.state, self.batch)
+    jax.block_until_ready(metrics)
+    return time.perf_counter() - start
+
+
 def bench_train_step(config, steps, profile_steps=0, between_steps=None):
   """Times `steps` compiled steps after a warm-up. between_steps(), if given, runs before
   the first and after each timed step, and its steps + 1 results are returned (the CPU's
-  matmul rate, so that each step is compared with the machine's speed around it)."""
-  model, diffusion, update, state, batch = _setup(config)
-  start = time.perf_counter()
-  lowered = update.lower(state, batch)
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - start
-  for _ in range(2):  # Warm-up.
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  times, between = [], [between_steps()] if between_steps else []
+  matmul rate, so that each step is compared with the machine's speed around it).
+  Returns (figures, the CompiledStep)."""
+  step = CompiledStep(config)
+  between = [between_steps()] if between_steps else []
+  times = []
   for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+    times.append(step.run())
     if between_steps:
       between.append(between_steps())
   step_s = statistics.median(times)
   mem, mem_how = peak_memory_bytes()
-  xla_bytes = xla_memory_bytes(compiled)
   result = dict(images_per_s=config.input.batch_size / step_s, step_s=step_s,
-                compile_s=compile_s, peak_memory_bytes=mem, peak_memory_source=mem_how,
-                xla_memory_analysis_bytes=xla_bytes, step_times_s=times)
+                compile_s=step.compile_s, peak_memory_bytes=mem, peak_memory_source=mem_how,
+                xla_memory_analysis_bytes=xla_memory_bytes(step.compiled), step_times_s=times)
   if between_steps:
     result["between_steps"] = between
   if _is_plain(config):  # The FLOP count needs no second compilation.
-    result["xla_flops_per_image"] = _xla_flops_per_image(lowered, config.input.batch_size,
-                                                         compiled)
+    result["xla_flops_per_image"] = _xla_flops_per_image(step.lowered,
+                                                         config.input.batch_size,
+                                                         step.compiled)
   if profile_steps:
-    def run_steps(state):
-      for _ in range(profile_steps):
-        state, metrics = compiled(state, batch)
-      jax.block_until_ready(metrics)
-      return state
-    state, result["profile"] = profile.profile(run_steps, state, profile_steps)
-  return result, (model, diffusion, state)
+    _, result["profile"] = profile.profile(lambda _: step.run(profile_steps), None,
+                                           profile_steps)
+  return result, step
 
 
 def bench_sampling(config, model, diffusion, params, num_samples):
@@ -352,7 +384,7 @@ def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compa
   # shared with other work change speed within seconds (the 2048^2 rate moved between 85
   # and 141 GFLOP/s within one run), and a step is best compared with its neighbours.
   paired = matmul_timer() if device.platform == "cpu" else None
-  step, (model, diffusion, state) = bench_train_step(config, steps, profile_steps, paired)
+  step, compiled_step = bench_train_step(config, steps, profile_steps, paired)
   out["train"] = step
   xla = step["xla_flops_per_image"] if "xla_flops_per_image" in step else flops_per_image(
       config)
@@ -389,8 +421,9 @@ def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compa
       log(line)
   if compare:
     log("variants of the step:")
-    out["train_variants"] = compare_variants(config, steps, step["images_per_s"], log)
-  params = state["params"]
+    out["train_variants"] = compare_variants(compiled_step, config, steps, log)
+  model, diffusion = compiled_step.model, compiled_step.diffusion
+  params = compiled_step.state["params"]
   if sampling:
     n = sample_count or min(config.input.batch_size, 64)
     out["sampling"] = bench_sampling(config, model, diffusion, params, n)
