@@ -12,10 +12,11 @@ figure. Sampling: images/s of the config's sampler. Input: images/s of the train
 pipeline alone. Evaluation: seconds of the few-shot probe and of FID on the config's
 sample count (when the feature network's weights exist).
 
-  --compare      also times the step's variants against the config's own, one step of
-                 each in turn: the straightforward objective (a model call per branch),
-                 nn.Dense's 3-D dots, both, scan, remat, scan + remat; prints each one's
-                 img/s and its step time relative to the config's (median over rounds).
+  --compare      also times the step's variants against the config's own, in turns
+                 (two steps of each, the second timed): the straightforward objective
+                 (a model call per branch), nn.Dense's 3-D dots, both, scan, remat,
+                 scan + remat; prints each one's img/s and its step time relative to
+                 the config's (median over rounds).
   --compile_only compiles the step and reports XLA's memory analysis without running it:
                  an estimate of device memory for a device this machine does not have.
 """
@@ -159,17 +160,24 @@ def _override(config, overrides):
 def compare_variants(config_step, config, steps, log=print):
   """Each variant in VARIANTS timed against the config's own step, in turns.
 
-  Every round runs one step of the config and then one of each variant: a shared
-  machine's speed drifts within seconds, so a variant's cost is the median over rounds
-  of its step time over the config's step time in the same round.
+  Every round runs two steps of the config and then two of each variant, and times the
+  second of each pair: a shared machine's speed drifts within seconds, so a variant's cost
+  is the median over rounds of its step time over the config's step time in the same
+  round. The untimed first step of a turn takes the switch between programs (a CPU step
+  that follows a smaller one page-faults its buffers in again: +25% on the S/4 step).
   """
   variants = {name: CompiledStep(_override(config, overrides))
               for name, overrides in VARIANTS}
   base, times = [], {name: [] for name in variants}
+
+  def timed_turn(step):
+    step.run()
+    return step.run()
+
   for _ in range(steps):
-    base.append(config_step.run())
+    base.append(timed_turn(config_step))
     for name, step in variants.items():
-      times[name].append(step.run())
+      times[name].append(timed_turn(step))
   result = {}
   for name, step in variants.items():
     cost = statistics.median(t / b for t, b in zip(times[name], base)) - 1
