@@ -131,6 +131,14 @@ def _stack_blocks(params, depth):
   return {"blocks": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)}
 
 
+def _masked_loss_and_grads(model, params, x, t):
+  """A loss of both outputs at mask ratio 0.5, and its gradients."""
+  def loss(p):
+    out = model.apply({"params": p}, x, t, mask_ratio=0.5, rngs=RNGS)
+    return jnp.mean(out["eps"] ** 2 + out["x0"] ** 2)
+  return jax.value_and_grad(loss)(params)
+
+
 def test_scan_and_remat_match_unrolled():
   kw = dict(variant="Mu/4", image_size=16)
   plain = ae.build_model(kw)
@@ -142,12 +150,8 @@ def test_scan_and_remat_match_unrolled():
   sparams["encoder"] = _stack_blocks(params["encoder"], plain.depth)
   sparams["decoder"] = _stack_blocks(params["decoder"], plain.decoder_depth)
 
-  def loss(p, model):
-    out = model.apply({"params": p}, x, t, mask_ratio=0.5, rngs=RNGS)
-    return jnp.mean(out["eps"] ** 2 + out["x0"] ** 2)
-
-  l1, g1 = jax.value_and_grad(loss)(params, plain)
-  l2, g2 = jax.value_and_grad(loss)(sparams, scanned)
+  l1, g1 = _masked_loss_and_grads(plain, params, x, t)
+  l2, g2 = _masked_loss_and_grads(scanned, sparams, x, t)
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
   np.testing.assert_allclose(g1["encoder"]["block_01"]["mlp"]["fc1"]["kernel"],
                              g2["encoder"]["blocks"]["mlp"]["fc1"]["kernel"][1],
@@ -183,12 +187,8 @@ def test_flat_dense_model_matches_nn_dense_model():
   assert flat.flat_dense and not plain.flat_dense
   params = _perturbed(plain.init(RNGS, x, t)["params"])
 
-  def loss(p, model):
-    out = model.apply({"params": p}, x, t, mask_ratio=0.5, rngs=RNGS)
-    return jnp.mean(out["eps"] ** 2 + out["x0"] ** 2)
-
-  l1, g1 = jax.value_and_grad(loss)(params, plain)
-  l2, g2 = jax.value_and_grad(loss)(params, flat)
+  l1, g1 = _masked_loss_and_grads(plain, params, x, t)
+  l2, g2 = _masked_loss_and_grads(flat, params, x, t)
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
                          g1, g2)
