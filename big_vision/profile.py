@@ -13,6 +13,11 @@ operation they came from (the `tf_op` stat, e.g. ".../attn/qkv/dot_general"):
   elementwise  every other fusion (norms, activations, residual adds, the optimizer)
   copy         copies and transposes outside fusions
   other        the rest (random numbers, sorts, gathers, reductions outside fusions)
+
+Given the compiled program's HLO text, each op is also put under the model module it
+computes, forward or backward ("backward encoder/block_*/mlp"): XLA:CPU's trace names an
+op only by its HLO instruction, and the HLO's metadata says which JAX operation, in which
+module, it came from.
 """
 import collections
 import glob
@@ -45,6 +50,46 @@ def categorise(name, origin=""):
   return "other"
 
 
+def origins_from_hlo(hlo_text):
+  """{HLO instruction name: the JAX op_name of its metadata} of a compiled program's text."""
+  return dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"',
+                         hlo_text, re.M))
+
+
+# Where a Flax module's scope starts in an op_name: "jvp(Model)", "Model.encode", "_Net".
+_MODULE_SCOPE = re.compile(r"(?:transpose\()?(?:jvp\()?([A-Z_]\w*)\)*(?:\.(\w+))?")
+
+
+def module_of(op_name):
+  """'jit(update)/transpose(jvp(Model))/Model.encode/encoder/block_03/mlp/fc1/dot_general'
+  -> 'backward encoder/block_*/mlp/fc1': the pass and the module (two levels below a
+  block; blocks taken together). The last part of an op_name is the operation itself and
+  parts with parentheses are transformations, so neither names a module. Ops outside the
+  model (the optimizer, the loss) are named by their first operation."""
+  parts = op_name.split(";")[0].split("/")  # A fusion's op_name lists its ops' by ";".
+  for i, part in enumerate(parts):
+    scope = _MODULE_SCOPE.fullmatch(part)
+    if scope:
+      break
+  else:
+    return f"outside the model: {parts[1] if len(parts) > 1 else op_name}"
+  path = parts[i + 1:]
+  if scope.group(2):  # "Model.encode": the method.
+    path = [scope.group(2)] + path
+  elif path and path[0].startswith(scope.group(1) + "."):  # "jvp(Model)/Model.encode".
+    path[0] = path[0].split(".", 1)[1]
+  direction = "backward" if "transpose(" in op_name else "forward"
+  modules = []
+  for part in path[:-1]:
+    part = re.sub(r"_\d+$", "_*", part)
+    if "(" not in part and (not modules or modules[-1] != part):  # Dense "fc1/fc1".
+      modules.append(part)
+  if "block_*" in modules:
+    i = modules.index("block_*")
+    modules = modules[max(i - 1, 0):i + 3]
+  return f"{direction} {'/'.join(modules[:4]) or 'model'}"
+
+
 def _op_events(profile_data):
   """(name, duration_ns, stats) of every XLA op in the trace."""
   planes = list(profile_data.planes)
@@ -71,10 +116,14 @@ def _op_events(profile_data):
   return result
 
 
-def summarise(profile_data, num_steps, top=25):
-  """Per-step milliseconds by category and of the `top` most expensive ops."""
+def summarise(profile_data, num_steps, top=25, origins=None, top_modules=15):
+  """Per-step milliseconds by category, of the `top` most expensive ops and, given
+  `origins` ({HLO instruction: JAX op_name}, see origins_from_hlo), by model module."""
+  origins = origins or {}
   by_category = collections.Counter()
   by_op = collections.Counter()
+  by_module = collections.defaultdict(collections.Counter)
+  by_instance = collections.Counter()
   origin = {}
   for name, ns, stats in _op_events(profile_data):
     tf_op = str(stats.get("tf_op", ""))
@@ -82,27 +131,41 @@ def summarise(profile_data, num_steps, top=25):
     by_category[category] += ns
     key = re.sub(r"\.\d+$", "", name)
     by_op[(category, key)] += ns
-    origin.setdefault((category, key), tf_op)
+    op_name = tf_op or origins.get(name, "")
+    by_instance[(category, key, name, op_name)] += ns
+    if origins:
+      by_module[module_of(op_name) if op_name else "unattributed"][category] += ns
+  for (category, key, _, op_name), _ in reversed(by_instance.most_common()):
+    origin[(category, key)] = op_name  # That of the op's costliest instance.
   per_step = lambda ns: ns / num_steps / 1e6
   total = sum(by_category.values())
-  return dict(
+  summary = dict(
       op_ms_per_step=per_step(total),
       note="summed op time; on a CPU ops of the two threads overlap, so it can exceed "
            "the step's wall time",
       by_category_ms={c: per_step(ns) for c, ns in by_category.most_common()},
       top_ops=[dict(category=c, op=op, ms_per_step=per_step(ns), jax_op=origin[(c, op)])
                for (c, op), ns in by_op.most_common(top)])
+  if origins:
+    modules = sorted(by_module.items(), key=lambda item: -sum(item[1].values()))
+    summary["by_module_ms"] = {
+        module: dict(total=per_step(sum(cats.values())),
+                     **{c: per_step(ns) for c, ns in cats.most_common()})
+        for module, cats in modules[:top_modules]}
+  return summary
 
 
-def profile(run_steps, state, num_steps, trace_dir=None):
-  """Runs run_steps(state) under the profiler; returns (its result, summary)."""
+def profile(run_steps, state, num_steps, trace_dir=None, hlo_text=None):
+  """Runs run_steps(state) under the profiler; returns (its result, summary). Given the
+  compiled program's HLO text, the summary also has the op time by model module."""
   trace_dir = trace_dir or tempfile.mkdtemp(prefix="bv_profile_")
   with jax.profiler.trace(trace_dir):
     state = run_steps(state)
   paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
   if not paths:
     return state, dict(error=f"no trace written under {trace_dir}")
-  summary = summarise(jax.profiler.ProfileData.from_file(paths[-1]), num_steps)
+  summary = summarise(jax.profiler.ProfileData.from_file(paths[-1]), num_steps,
+                      origins=origins_from_hlo(hlo_text) if hlo_text else None)
   summary["trace"] = paths[-1]
   return state, summary
 
@@ -116,4 +179,9 @@ def format_summary(summary):
   for op in summary["top_ops"]:
     lines.append(f"  {op['ms_per_step']:8.2f} ms  {op['category']:<11} {op['op']:<40} "
                  f"{op['jax_op'][-90:]}")
+  if "by_module_ms" in summary:
+    lines.append("profile by module (op time per step):")
+    for module, ms in summary["by_module_ms"].items():
+      parts = ", ".join(f"{c} {v:.1f}" for c, v in ms.items() if c != "total")
+      lines.append(f"  {ms['total']:8.2f} ms  {module:<44} {parts}")
   return lines

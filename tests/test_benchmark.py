@@ -51,6 +51,9 @@ def test_run_reports_every_figure():
   # The profile: device time by category, the matmuls among it, and the costliest ops.
   prof = train["profile"]
   assert prof["by_category_ms"]["matmul"] > 0 and prof["top_ops"]
+  # ... and under the model's modules: the MLP's matmuls, forward and backward.
+  assert prof["by_module_ms"]["forward encoder/block_*/mlp/fc1"]["matmul"] > 0
+  assert prof["by_module_ms"]["backward encoder/block_*/mlp/fc1"]["matmul"] > 0
   assert any(line.startswith("profile:") for line in lines)
 
 

@@ -310,7 +310,7 @@ def bench_train_step(config, steps, profile_steps=0, between_steps=None):
                                                          step.compiled)
   if profile_steps:
     _, result["profile"] = profile.profile(lambda _: step.run(profile_steps), None,
-                                           profile_steps)
+                                           profile_steps, hlo_text=step.compiled.as_text())
   return result, step
 
 

@@ -1,0 +1,64 @@
+"""The profile summary: op time put in categories and under the model's modules."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from big_vision import profile
+
+
+@pytest.mark.parametrize("op_name,module", [
+    ("jit(update)/transpose(jvp(Model))/Model.encode/encoder/block_03/mlp/fc1/fc1/dot_general",
+     "backward encoder/block_*/mlp/fc1"),
+    ("jit(update)/jvp(Model)/Model.encode/encoder/block_11/attn/vmap(BNTS,BSNH->BTNH)/transpose"
+     ";jit(update)/jvp(Model)/Model.encode/encoder/block_11/attn/vmap()/transpose",
+     "forward encoder/block_*/attn"),
+    ("jit(update)/jvp(Model)/Model.encode/encoder/block_00/add", "forward encoder/block_*"),
+    ("jit(update)/jvp(Model)/Model.decoder_inputs/jit(take_along_axis)/gather",
+     "forward decoder_inputs"),
+    ("jit(update)/jvp(Model)/Model.encode/patch_embedding/patch_embedding/dot_general",
+     "forward encode/patch_embedding"),
+    ("jit(update)/add", "outside the model: add"),
+])
+def test_module_of(op_name, module):
+  assert profile.module_of(op_name) == module
+
+
+class _Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for i in range(2):
+      x = nn.gelu(nn.Dense(64, name=f"block_{i}")(x))
+    return nn.Dense(1, name="head")(x)
+
+
+def test_profile_by_module():
+  """A real trace of a compiled training step: its ops are found under their modules in
+  the HLO, and the matmuls of the Dense layers land under those layers."""
+  net = _Net()
+  x = jnp.ones((256, 64))
+  params = net.init(jax.random.PRNGKey(0), x)
+
+  @jax.jit
+  def step(params):
+    grads = jax.grad(lambda p: jnp.mean(net.apply(p, x) ** 2))(params)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+  compiled = step.lower(params).compile()
+  origins = profile.origins_from_hlo(compiled.as_text())
+  assert any("block_1" in op_name for op_name in origins.values())
+
+  def run(params):
+    for _ in range(3):
+      params = compiled(params)
+    return jax.block_until_ready(params)
+
+  _, summary = profile.profile(run, params, 3, hlo_text=compiled.as_text())
+  by_module = summary["by_module_ms"]
+  assert by_module and sum(m["total"] for m in by_module.values()) <= (
+      summary["op_ms_per_step"] * 1.0001)
+  assert any(m.startswith("forward") for m in by_module), by_module
+  assert any(m.startswith("backward") for m in by_module), by_module
+  assert any(m == "outside the model: add" or m.startswith("outside") for m in by_module)
+  lines = profile.format_summary(summary)
+  assert "profile by module (op time per step):" in lines
