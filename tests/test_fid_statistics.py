@@ -85,3 +85,41 @@ def test_reference_cache_computes_once_and_keys_by_fields(tmp_path):
   assert len(calls) == 3 and len(list(tmp_path.iterdir())) == 3
   _, _, meta = fid_math.load_statistics(fid_math.cache_path(str(tmp_path), key))
   assert meta["network"] == "fmnist_classifier" and meta["split"] == "test"
+
+
+def test_scorer_cache_key_follows_weights_file_and_pp(tmp_path):
+  """A retrained feature net (or another eval pp) must not reuse stale statistics."""
+  import types
+  import jax
+  import jax.numpy as jnp
+  from big_vision.evaluators import fid_scorer
+  from big_vision.models import fmnist_classifier
+
+  weights = str(tmp_path / "fmnist_classifier.npz")
+
+  def write_weights(seed):
+    params = fmnist_classifier.Classifier().init(jax.random.PRNGKey(seed),
+                                                 jnp.zeros((1, 28, 28, 1)))["params"]
+    fmnist_classifier.save(params, weights, dict(note=f"random {seed}, for tests"))
+
+  context = types.SimpleNamespace(model=types.SimpleNamespace(image_size=(28, 28)))
+  images = np.random.default_rng(0).uniform(-1, 1, (40, 28, 28, 1)).astype(np.float32)
+  computed = []
+
+  def reference(pp="value_range(-1, 1)"):
+    ref_cfg = dict(data=dict(name="fashion_mnist_local", split="test"), pp=pp)
+    scorer = fid_scorer.Scorer(context, dict(kind="fmnist_classifier", weights=weights),
+                               ref_cfg, max_reference=40, cache_dir=str(tmp_path / "cache"))
+    scorer.real_images = lambda cfg, n: computed.append(1) or images
+    return scorer.cache_key(), scorer.reference()
+
+  write_weights(0)
+  key_a, (mu_a, _) = reference()
+  key_again, (mu_again, _) = reference()
+  assert len(computed) == 1 and key_again == key_a and np.array_equal(mu_again, mu_a)
+  write_weights(1)  # Same path, new weights: a new key, recomputed statistics.
+  key_b, (mu_b, _) = reference()
+  assert len(computed) == 2 and key_b["weights"] != key_a["weights"]
+  assert not np.allclose(mu_b, mu_a)
+  reference(pp="value_range(-1, 1)|keep('image')")
+  assert len(computed) == 3

@@ -1,9 +1,10 @@
 """Scores sets of images against real data: FID and Inception Score with a feature network.
 
 The reference statistics of the real split are computed once and cached on disk, keyed by
-dataset, split, resolution, network and image count. Shared by the sampling and
-inpainting evaluators.
+dataset, split, eval preprocessing, resolution, network (and a hash of its weights file)
+and image count. Shared by the sampling and inpainting evaluators.
 """
+import hashlib
 import os
 
 from big_vision.evaluators import common
@@ -11,6 +12,19 @@ from big_vision.evaluators import feature_nets
 from big_vision.evaluators import fid_math
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "big_vision", "fid_stats")
+
+
+def weights_digest(path):
+  """sha256 of the weights file's bytes (first 16 hex digits).
+
+  The whole content, not size or mtime: a retrained or swapped network must never reuse
+  stale statistics, and hashing is cheap (about 0.1 s for Inception's ~100 MB).
+  """
+  h = hashlib.sha256()
+  with open(os.path.expanduser(path), "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()[:16]
 
 
 class Scorer:
@@ -28,15 +42,19 @@ class Scorer:
     return common.collect(self.context, input_cfg, lambda b: {"x": b["image"]},
                           max_examples)["x"]
 
+  def cache_key(self):
+    """Fields that identify the reference statistics (see fid_math.cache_path)."""
+    h, w = self.context.model.image_size
+    return dict(dataset=self.reference_cfg["data"]["name"],
+                split=self.reference_cfg["data"]["split"], resolution=f"{h}x{w}",
+                network=self.net.name, weights=weights_digest(self.net.weights),
+                pp=self.reference_cfg["pp"], max_images=str(self.max_reference))
+
   def reference(self):
     """(mu, sigma) of the real reference split, from the on-disk cache when present."""
     if self._reference is None:
-      h, w = self.context.model.image_size
-      key = dict(dataset=self.reference_cfg["data"]["name"],
-                 split=self.reference_cfg["data"]["split"], resolution=f"{h}x{w}",
-                 network=self.net.name, max_images=str(self.max_reference))
       self._reference = fid_math.cached_reference_stats(
-          self.cache_dir, key, lambda: fid_math.feature_statistics(
+          self.cache_dir, self.cache_key(), lambda: fid_math.feature_statistics(
               self.net(self.real_images(self.reference_cfg, self.max_reference))[0]))
     return self._reference
 
