@@ -4,43 +4,44 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from big_vision import diffusion as diffusion_lib
 from big_vision import objective
-from big_vision.models import masking
+from big_vision.models import masking as masking_lib
 
 
-class FakeDiffusion:
-  """x_t = x0 + 10 * noise, so the tests can tell noised from clean inputs."""
-  num_timesteps = 100
-
-  def q_sample(self, x0, t, noise):
-    del t
-    return x0 + 10.0 * noise
+# A real schedule with few steps: the tests check the noised inputs against its closed form.
+DIFFUSION = diffusion_lib.GaussianDiffusion.create("cosine", 100)
 
 
 def make_fake_apply(calls, x0_err=1.0, eps_err=2.0):
   """A 'model' predicting x0 = truth + x0_err and eps = truth + eps_err everywhere.
 
-  The objective calls it once per batch, with one masking per branch (clean first);
-  `calls` records each branch as a group: its t, masked-patch counts and size.
+  The objective calls it once per batch with one masking per branch (clean first), or
+  once per branch; `calls` records each branch as a group: its images, t, masked-patch
+  counts and size.
   """
   def apply(params, images, t, labels, *, masking):
     del params, labels
+    groups = (masking,) if isinstance(masking, masking_lib.Masking) else masking
+    offset = sum(c["batch"] for c in calls)  # Where this call starts in the batch.
     start = 0
-    for m in masking:
+    for m in groups:
       b = m.mask.shape[0]
-      calls.append(dict(t=np.asarray(t[start:start + b]), masked=np.asarray(m.mask).sum(1),
+      calls.append(dict(images=np.asarray(images[start:start + b]),
+                        t=np.asarray(t[start:start + b]), masked=np.asarray(m.mask).sum(1),
                         batch=b))
       start += b
     assert start == images.shape[0]
-    mask = jnp.concatenate([m.mask for m in masking])
-    return dict(x0=calls_truth["x0"] + x0_err, eps=calls_truth["eps"] + eps_err, mask=mask)
+    mask = jnp.concatenate([m.mask for m in groups])
+    truth = lambda k: calls_truth[k][offset:offset + start]
+    return dict(x0=truth("x0") + x0_err, eps=truth("eps") + eps_err, mask=mask)
   return apply
 
 
 calls_truth = {}
 
 
-def run(no_noise_prob, mask_ratio, mask_ratio_no_noise, b=8):
+def run(no_noise_prob, mask_ratio, mask_ratio_no_noise, b=8, one_call=True):
   images = jax.random.uniform(jax.random.PRNGKey(0), (b, 8, 8, 1), minval=-1, maxval=1)
   keys = jax.random.split(jax.random.PRNGKey(1), b)
   n_clean, n_noised = objective.split_sizes(b, no_noise_prob)
@@ -50,9 +51,9 @@ def run(no_noise_prob, mask_ratio, mask_ratio_no_noise, b=8):
   calls_truth.update(x0=images, eps=jnp.concatenate([jnp.zeros((n_clean, 8, 8, 1)), noise]))
   calls = []
   loss, metrics = objective.umd_loss(
-      make_fake_apply(calls), None, images, None, keys, FakeDiffusion(),
+      make_fake_apply(calls), None, images, None, keys, DIFFUSION,
       no_noise_prob=no_noise_prob, mask_ratio=mask_ratio,
-      mask_ratio_no_noise=mask_ratio_no_noise, grid=(4, 4), patch_size=2)
+      mask_ratio_no_noise=mask_ratio_no_noise, grid=(4, 4), patch_size=2, one_call=one_call)
   return float(loss), {k: float(v) for k, v in metrics.items()}, calls
 
 
@@ -74,6 +75,25 @@ def test_umd_split_losses_and_weights():
   np.testing.assert_array_equal(calls[1]["masked"], 8)
   np.testing.assert_array_equal(calls[0]["t"], 0)  # Clean images are fed t = 0 ...
   assert calls[1]["t"].min() >= 1 and calls[1]["t"].max() <= 100  # ... noised t + 1.
+
+
+@pytest.mark.parametrize("one_call", [True, False])
+def test_model_sees_clean_images_and_q_samples(one_call):
+  """Clean branch: x0 itself. Noised: sqrt(ab_t) x0 + sqrt(1 - ab_t) noise at the t fed."""
+  loss, metrics, calls = run(no_noise_prob=0.25, mask_ratio=0.5, mask_ratio_no_noise=0.75,
+                             one_call=one_call)
+  x0, noise = np.asarray(calls_truth["x0"]), np.asarray(calls_truth["eps"][2:])
+  np.testing.assert_array_equal(calls[0]["images"], x0[:2])
+  # The objective's t per example, drawn again from the example keys.
+  keys = jax.random.split(jax.random.PRNGKey(1), 8)[2:]
+  t = np.array([int(jax.random.randint(jax.random.split(k, 4)[1], (), 0, 100)) for k in keys])
+  np.testing.assert_array_equal(calls[1]["t"], t + 1)
+  # Closed form from the schedule's betas, not from the diffusion module's q_sample.
+  ab = np.cumprod(1.0 - diffusion_lib.get_betas("cosine", 100))[t][:, None, None, None]
+  np.testing.assert_allclose(calls[1]["images"], np.sqrt(ab) * x0[2:] + np.sqrt(1 - ab) * noise,
+                             rtol=1e-5, atol=1e-5)
+  assert np.abs(calls[1]["images"] - x0[2:]).max() > 0.1  # Really noised.
+  assert metrics["loss_noised"] == pytest.approx(2.5) and loss == pytest.approx(2.125)
 
 
 def test_dit_preset_is_eps_loss_on_all_pixels():
@@ -98,7 +118,6 @@ def test_masked_mse_ignores_visible_pixels():
 
 def test_per_example_randomness_does_not_depend_on_batch_split():
   """The loss of a batch is the mean of the losses of its halves (same keys)."""
-  from big_vision import diffusion as diffusion_lib
   from big_vision.models import ae
   model = ae.build_model(dict(variant="Mu/2", image_size=8, channels=1, num_classes=3))
   images = jax.random.uniform(jax.random.PRNGKey(0), (8, 8, 8, 1), minval=-1, maxval=1)
@@ -127,7 +146,6 @@ def test_label_dropout_rate():
 def test_one_model_call_equals_a_call_per_branch():
   """The speed path (both branches in one model call, one decoder pass) computes the same
   loss and gradients as the straightforward one (a model call per branch)."""
-  from big_vision import diffusion as diffusion_lib
   from big_vision.models import ae
   model = ae.build_model(dict(variant="Mu/2", image_size=8, channels=1, num_classes=3))
   b = 8
@@ -138,10 +156,13 @@ def test_one_model_call_equals_a_call_per_branch():
   params = jax.tree_util.tree_map(lambda p: p + 0.05, params)  # Leave AdaLN-Zero's zeros.
   keys = jax.random.split(jax.random.PRNGKey(2), b)
   apply = lambda p, x, t, y, masking: model.apply({"params": p}, x, t, y, masking=masking)
-  calls = []
+  calls, inputs = [], {True: [], False: []}
 
   def loss(p, one_call):
-    counted = lambda *a, **k: calls.append(one_call) or apply(*a, **k)
+    def counted(p, x, *a, **k):
+      calls.append(one_call)
+      inputs[one_call].append(np.asarray(x))  # Not traced: only params are.
+      return apply(p, x, *a, **k)
     return objective.umd_loss(
         counted, p, images, labels, keys, diffusion_lib.GaussianDiffusion.create("cosine", 100),
         no_noise_prob=0.25, mask_ratio=0.375, mask_ratio_no_noise=0.75, grid=model.grid,
@@ -150,6 +171,9 @@ def test_one_model_call_equals_a_call_per_branch():
   l1, g1 = jax.value_and_grad(loss)(params, True)
   l2, g2 = jax.value_and_grad(loss)(params, False)
   assert calls == [True, False, False]
+  # Both paths feed the model the same images (clean, then q_sampled; see
+  # test_model_sees_clean_images_and_q_samples for their values).
+  np.testing.assert_array_equal(inputs[True][0], np.concatenate(inputs[False]))
   assert float(l1) == pytest.approx(float(l2), rel=1e-6)
   # Float32 sums in another order: differences far below the gradients' scale.
   scale = max(float(jnp.abs(c).max()) for c in jax.tree_util.tree_leaves(g2))
