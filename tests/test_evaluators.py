@@ -120,6 +120,39 @@ def test_diffusion_loss_evaluator_deterministic_and_by_t(data_dir, tmp_path):
   assert "loss_clean" not in dit and dit["loss"] == pytest.approx(dit["loss_noised"])
 
 
+
+def test_diffusion_loss_conditioned_model_scores_true_labels(data_dir, tmp_path):
+  """`loss` is the training objective with each image's label (no dropout); `loss_uncond`
+  the same with the null label: both match a direct computation on the same draws."""
+  from big_vision.evaluators import diffusion_loss
+  ctx, params = make_context(data_dir, str(tmp_path), "variant=Mu/4,use_labels=True")
+  model, diffusion, cfg = ctx.model, ctx.diffusion, ctx.config
+  assert model.num_classes == 10
+  ev = diffusion_loss.Evaluator(ctx, num_ranges=2, split="test[:32]", batch_size=32)
+  got = dict(ev.run(params, 0))
+  batch = next(common.iterate(ctx, ev.input_cfg))
+  images, labels = batch["image"], batch["label"]
+  assert len(set(np.asarray(labels).tolist())) > 1  # Real labels, not one class.
+
+  def direct(labels):  # The evaluator's draws for batch 0: key PRNGKey(0), split as it does.
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    out = model.apply({"params": params}, images, jnp.zeros(32, jnp.int32), labels,
+                      mask_ratio=cfg.mask_ratio_no_noise,
+                      rngs={"mask": keys[0], "dropout": keys[0]})
+    clean = objective.clean_branch_loss(out, images, model.grid, model.patch_size)
+    k_t, k_eps, k_mask = jax.random.split(keys[1], 3)
+    t = jax.random.randint(k_t, (32,), 0, diffusion.num_timesteps)
+    noise = jax.random.normal(k_eps, images.shape)
+    out = model.apply({"params": params}, diffusion.q_sample(images, t, noise), t + 1, labels,
+                      mask_ratio=cfg.mask_ratio, rngs={"mask": k_mask, "dropout": k_mask})
+    noised = objective.noised_branch_loss(out, images, noise, model.grid, model.patch_size)
+    p = cfg.no_noise_prob
+    return float(p * clean + (1 - p) * noised)
+
+  assert got["loss"] == pytest.approx(direct(labels), rel=1e-5)
+  assert got["loss_uncond"] == pytest.approx(direct(None), rel=1e-5)
+  assert abs(got["loss"] - got["loss_uncond"]) > 1e-4  # The labels do change the loss.
+
 def test_reconstruction_evaluator_png_and_psnr(data_dir, tmp_path):
   from big_vision.evaluators import reconstruction
   ctx, params = make_context(data_dir, str(tmp_path))
