@@ -138,8 +138,12 @@ def test_per_example_randomness_does_not_depend_on_batch_split():
 
 def test_label_dropout_rate():
   keys = jax.random.split(jax.random.PRNGKey(0), 4000)
-  dropped = objective.drop_labels(jnp.zeros(4000, jnp.int32), keys, 0.1, 10)
+  labels = jnp.arange(4000) % 10
+  dropped = objective.drop_labels(labels, keys, 0.1, 10)
   assert abs(float((dropped == 10).mean()) - 0.1) < 0.02
+  kept = dropped != 10
+  np.testing.assert_array_equal(dropped[kept], labels[kept])  # The others are untouched.
+  np.testing.assert_array_equal(objective.drop_labels(labels, keys, 0.0, 10), labels)
   assert objective.drop_labels(None, keys, 0.1, 10) is None
 
 

@@ -14,6 +14,7 @@ masked patches and MaskDM's loss on visible patches plug in there and in the tra
 objective, not in a fork of this file.
 """
 import re
+import re
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -259,7 +260,8 @@ class Model(nn.Module):
   num_cls_tokens: int = 4
   adaln: bool = True
   num_classes: int = 0  # 0: unconditional. Otherwise the null class is num_classes.
-  label_dropout: float = 0.1
+  # No label dropout here: the objective drops labels (objective.drop_labels, config's
+  # label_dropout), per example key.
   posemb: str = "sincos2d"  # or "learn"
   masking: str = "random"  # or "block" (blocks of mask_block_size^2 patches)
   mask_block_size: int = 4
@@ -302,8 +304,7 @@ class Model(nn.Module):
                           (1, self.num_cls_tokens, self.width))
     self.t_embedder = conditioning.TimestepEmbedder(self.width)
     if self.num_classes:
-      self.y_embedder = conditioning.LabelEmbedder(self.num_classes, self.width,
-                                                   self.label_dropout)
+      self.y_embedder = conditioning.LabelEmbedder(self.num_classes, self.width, dropout=0.0)
     self.encoder = Stack(self.depth, self.mlp_dim, self.num_heads, **stack)
     self.encoder_norm = nn.LayerNorm()
     self.decoder_embed = dense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
@@ -392,7 +393,7 @@ class Model(nn.Module):
         clean and noised halves). Each group goes through the encoder on its own, and
         all groups through the decoder together: the same result as separate calls,
         with one decoder pass of larger matrices.
-      train: enables label dropout (needs a 'dropout' rng).
+      train: no effect on the model (label dropout is the objective's).
     Returns:
       dict(x0=[B,H,W,C], eps=[B,H,W,C], mask=[B,N] with 1 at masked patches).
     """
@@ -431,8 +432,8 @@ class Model(nn.Module):
 
 
 MODEL_OPTIONS = ("variant", "image_size", "channels", "num_cls_tokens", "adaln", "num_classes",
-                 "label_dropout", "posemb", "masking", "mask_block_size", "scan", "remat_policy",
-                 "dtype_mm", "dtype_activations", "attention", "flat_dense", "decoder_width",
+                 "posemb", "masking", "mask_block_size", "scan", "remat_policy", "dtype_mm",
+                 "dtype_activations", "attention", "flat_dense", "decoder_width",
                  "decoder_depth", "decoder_mlp_dim")
 
 
