@@ -9,11 +9,11 @@ One module expresses MAE, UMD, DiT and MaskDiT; the trainer decides what goes in
 
 Conditioning c = time embedding (+ label embedding) enters every block through AdaLN-Zero
 (`adaln=True`, DiT) or is added to the tokens (`adaln=False`).
-The decoder queries at masked positions are built in `_masked_queries`; DiffMAE's noisy
-masked patches and MaskDM's loss on visible patches plug in there and in the trainer's
-objective, not in a fork of this file.
+The decoder queries at masked positions are built in `_masked_queries` (MAE's mask
+token). The DiffMAE and MaskDM presets are not built yet (only MaskDM's block masking
+is, `masking="block"`); when they are, DiffMAE's noisy masked patches will plug in there
+and MaskDM's loss on visible patches in the trainer's objective, not in a fork of this file.
 """
-import re
 import re
 from typing import Any, Optional, Sequence
 
