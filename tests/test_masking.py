@@ -66,6 +66,21 @@ def test_block_masking_rejects_indivisible_grid():
     masking.block_masking(jax.random.PRNGKey(0), 2, (8, 8), 0.5, 3)
 
 
+@pytest.mark.parametrize("ratio,blocks,smallest", [(0.2, 4, "1/4 = 0.25"),
+                                                    (0.3, 3, "1/3 = 0.333334")])
+def test_block_masking_rejects_ratio_that_masks_no_block(ratio, blocks, smallest):
+  grid = (8, 8) if blocks == 4 else (4, 12)
+  with pytest.raises(ValueError, match=rf"mask_ratio={ratio} masks none of the {blocks} blocks"
+                                       rf".*smallest ratio that masks one block is {smallest}"):
+    masking.block_masking(jax.random.PRNGKey(0), 2, grid, ratio, 4)
+  # The ratio it names does mask one block; zero still means no masking.
+  value = float(smallest.split("= ")[1])
+  m = masking.block_masking(jax.random.PRNGKey(0), 2, grid, value, 4)
+  np.testing.assert_array_equal(m.mask.sum(1), 16)
+  np.testing.assert_array_equal(masking.block_masking(jax.random.PRNGKey(0), 2, grid, 0.0, 4)
+                                .mask, 0)
+
+
 def test_mask_to_pixels():
   mask = jnp.array([[1.0, 0.0, 0.0, 1.0]])
   px = masking.mask_to_pixels(mask, (2, 2), 3)

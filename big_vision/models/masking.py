@@ -4,6 +4,7 @@ Both strategies keep the same number of tokens in every image (static shapes for
 and return the kept tokens in their original order, the binary mask and the permutation
 that restores the full sequence from [kept, masked].
 """
+import math
 from typing import NamedTuple
 
 import jax
@@ -46,7 +47,8 @@ def block_masking(rng, batch_size, grid_hw, mask_ratio, block_size):
   """Masks whole blocks of block_size x block_size patches (MaskDM's strategy).
 
   The number of masked blocks is floor(num_blocks * mask_ratio), so the kept count is
-  the same for every image. The patch grid must be divisible by the block size.
+  the same for every image. The patch grid must be divisible by the block size, and a
+  non-zero ratio must mask at least one block.
   """
   check_mask_ratio(mask_ratio)
   gh, gw = grid_hw
@@ -56,6 +58,12 @@ def block_masking(rng, batch_size, grid_hw, mask_ratio, block_size):
   num_blocks = bh * bw
   masked_blocks = int(np.floor(round(num_blocks * mask_ratio, 6)))
   if masked_blocks == 0:
+    if mask_ratio > 0:  # Else the caller's masked-patch loss would silently be 0.
+      smallest = math.ceil(1e6 / num_blocks) / 1e6  # Rounded up: still masks one block.
+      raise ValueError(
+          f"mask_ratio={mask_ratio} masks none of the {num_blocks} blocks ({bh}x{bw} blocks "
+          f"of {block_size}x{block_size} patches); the smallest ratio that masks one block "
+          f"is 1/{num_blocks} = {smallest:g}")
     return no_masking(batch_size, gh * gw)
   noise = jax.random.uniform(rng, (batch_size, num_blocks))
   rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
