@@ -15,6 +15,7 @@ from big_vision import checkpointing
 from big_vision import config_cli
 from big_vision import input_pipeline
 from big_vision import train
+from big_vision import train_step
 from tests import test_input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,14 +113,52 @@ def test_method_presets_train(data_dir, tmp_path, method):
   assert ("loss_noised" in records[0]) == (not has_clean)
 
 
-def test_init_from_adds_label_embedding(data_dir, tmp_path):
+def _flat(params):
+  return {jax.tree_util.keystr(k): np.array(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def test_init_from_loads_source_params_and_adds_label_embedding(data_dir, tmp_path,
+                                                                monkeypatch):
   source = str(tmp_path / "pretrain")
   train.train(fmnist_config(data_dir, "total_steps=2"), source)
+  pretrained = _flat(checkpointing.load_params(source)[0]["params"])
+
+  # Record the run's own fresh init (merge_params' first argument) and the params that
+  # enter each update step; the first are the state before any step.
+  fresh, seen = [], []
+  real_merge, real_make_update = checkpointing.merge_params, train_step.make_update
+
+  def merge(fresh_params, loaded):
+    fresh.append(_flat(fresh_params))  # Copied now: the state is donated to the step.
+    return real_merge(fresh_params, loaded)
+
+  def make_update(*args, **kwargs):
+    update = real_make_update(*args, **kwargs)
+
+    def recorded(state, batch):
+      jax.debug.callback(lambda p: seen.append(_flat(p)), state["params"])
+      return update(state, batch)
+    return recorded
+
+  monkeypatch.setattr(checkpointing, "merge_params", merge)
+  monkeypatch.setattr(train_step, "make_update", make_update)
   config = fmnist_config(data_dir, f"total_steps=2,use_labels=True,init_from={source}")
   state, _ = train.train(config, str(tmp_path / "finetune"))
-  pretrained = checkpointing.load_params(source)[0]["params"]
-  # The encoder came from the source run (then took 2 steps), labels are new.
-  assert "y_embedder" in state["params"] and "y_embedder" not in pretrained
+  assert len(fresh) == 1 and len(seen) == 2
+  first, fresh = seen[0], fresh[0]
+
+  label = "['y_embedder']['table']['embedding']"
+  assert label in first and label not in pretrained and label in _flat(state["params"])
+  np.testing.assert_array_equal(first[label], fresh[label])  # New: its fresh init.
+  assert set(first) == set(pretrained) | {label}
+  for key in ("['patch_embedding']['kernel']", "['encoder']['block_00']['attn']['qkv']['kernel']",
+              "['decoder']['block_00']['mlp']['fc1']['kernel']", "['head']['kernel']"):
+    # The source's trained values, not this run's own init (same seed, but 2 steps apart).
+    assert not np.array_equal(pretrained[key], fresh[key]), key
+    np.testing.assert_array_equal(first[key], pretrained[key], err_msg=key)
+  for key in pretrained:  # Every source parameter was loaded.
+    np.testing.assert_array_equal(first[key], pretrained[key], err_msg=key)
 
 
 def _run_cli(args, env_extra=None, timeout=120):
