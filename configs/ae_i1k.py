@@ -86,11 +86,14 @@ def get_config(arg=None):
 
 def evals(config, arg):
   """The UMD paper's auto-evaluation: 100-shot probe every 10k steps (shots from the
-  first 100k training images), validation loss and reconstructions, and for
+  first 300k training images), validation loss and reconstructions, and for
   label-conditioned runs FID/IS of 10k samples (125 DDIM steps, guidance 1, 2 and 4)."""
   result = mlc.ConfigDict()
+  # The probe draws 20 held-out images (ridge strength) + 100 shots from every class.
+  # Classes hold 732-1300 training images: the first 300k give the smallest ~170, while
+  # 100k (~57 for it, ~100 on average) would stop the run at its first probe.
   result.fewshot = dict(
-      type="fewshot", every_steps=arg.fewshot_steps, train_split="train[:100000]",
+      type="fewshot", every_steps=arg.fewshot_steps, train_split="train[:300000]",
       test_split="validation", shots=(10, 25, 100),
       features="representation" if config.no_noise_prob > 0 else "noised")
   if config.no_noise_prob < 1:

@@ -155,3 +155,29 @@ def test_i1k_evals_follow_the_method():
   finetune = ae_i1k.get_config("finetune=True")
   assert finetune.evals.samples.guidance_scales == (1.0, 2.0, 4.0)
   assert finetune.evals.samples.feature_net.kind == "inception"
+
+
+def test_i1k_fewshot_split_holds_enough_per_class():
+  # Every class needs holdout_per_class + max(shots) images of the probe's train_split;
+  # 1.5x that on average leaves room for ImageNet's unequal classes (732-1300 images).
+  import inspect
+  import re
+  from big_vision.evaluators import fewshot
+  spec = ae_i1k.get_config("").evals.fewshot
+  defaults = inspect.signature(fewshot.Evaluator).parameters
+  holdout = spec.get("holdout_per_class", defaults["holdout_per_class"].default)
+  shots = spec.get("shots", defaults["shots"].default)
+  count = int(re.fullmatch(r"train\[:(\d+)\]", spec.train_split).group(1))
+  assert count / 1000 >= 1.5 * (holdout + max(shots)), (spec.train_split, holdout, shots)
+
+
+def test_few_shot_checks_every_class_before_fitting():
+  from big_vision.evaluators import linear_probe
+  y = [0] * 50 + [1] * 29 + [2] * 50
+  x = [[float(v)] for v in y]
+  with pytest.raises(ConfigError, match=r"class 1 has 29 training examples, fewer than "
+                     r"holdout_per_class=20 \+ max\(shots\)=10 = 30; use a larger train_split"):
+    linear_probe.few_shot(x, y, x, y, shots=(5, 10), holdout_per_class=20)
+  # A class only in the test split has no training examples at all.
+  with pytest.raises(ConfigError, match=r"class 3 has 0 training examples"):
+    linear_probe.few_shot(x, y, [[0.0]], [3], shots=(1,), holdout_per_class=1)

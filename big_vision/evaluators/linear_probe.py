@@ -7,6 +7,8 @@ testable on synthetic features.
 """
 import numpy as np
 
+from big_vision.config_parsing import ConfigError
+
 L2_GRID = tuple(2.0 ** np.arange(-10, 21, 2))
 
 
@@ -47,10 +49,28 @@ def select_shots(labels, shots, rng, exclude=()):
   return np.concatenate(chosen)
 
 
+def check_pool(train_y, test_y, shots, holdout_per_class):
+  """Raises ConfigError unless every class has holdout_per_class + max(shots) examples.
+
+  Checked before any fitting, so a too small train_split fails at once, naming the class.
+  Classes seen only in the test split count too: the probe could never predict them.
+  """
+  need = holdout_per_class + max(shots)
+  classes = np.union1d(np.unique(train_y), np.unique(test_y))
+  counts = np.array([np.sum(train_y == c) for c in classes])
+  if counts.size and counts.min() < need:
+    c = classes[int(np.argmin(counts))]
+    raise ConfigError(
+        f"few-shot probe: class {c} has {counts.min()} training examples, fewer than "
+        f"holdout_per_class={holdout_per_class} + max(shots)={max(shots)} = {need}; "
+        "use a larger train_split or fewer shots / a smaller holdout_per_class")
+
+
 def few_shot(train_x, train_y, test_x, test_y, *, shots=(1, 5, 10, 25, 100), seeds=3,
              holdout_per_class=20, l2_grid=L2_GRID):
   """Accuracy per shot count: {shots: (mean, std, [per-seed], [chosen l2])}."""
   train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+  check_pool(train_y, test_y, shots, holdout_per_class)
   num_classes = int(max(train_y.max(), test_y.max())) + 1
   results = {}
   for k in shots:
