@@ -6,6 +6,8 @@ masked with `mask_ratio_no_noise` (x0 loss on masked pixels); the rest is noised
 masked with `mask_ratio` (eps loss on visible, x0 loss on masked pixels). A method is
 nothing but defaults for these knobs; explicit options always win.
 """
+import numpy as np
+
 from big_vision import config_parsing
 
 # Defaults per method. UMD's follow the official UMD config (no_noise_prob 0.5,
@@ -47,6 +49,56 @@ def _check_ratio(name, value, upper_inclusive=False):
     raise config_parsing.ConfigError(f"{name}={value} is outside {allowed}")
 
 
+def _is_int(value):
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_count(name, value, upper=None):
+  """An int >= 1 (not above `upper`): step counts and micro-batches."""
+  if not (_is_int(value) and 1 <= value <= (upper if upper is not None else value)):
+    allowed = "an int >= 1" if upper is None else f"an int in [1, {upper}]"
+    raise config_parsing.ConfigError(f"{name}={value!r} must be {allowed}")
+
+
+def _check_eta(name, value):
+  if not (isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+          and value >= 0):
+    raise config_parsing.ConfigError(
+        f"{name}={value!r} must be a number >= 0 (0: deterministic DDIM, 1: DDPM-like)")
+
+
+def check_diffusion(config):
+  """The diffusion section and the sampling options of the evaluators that use it."""
+  from big_vision import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top
+
+  d = config.get("diffusion")
+  if d is None:
+    return
+  schedule = d.get("schedule", "cosine")
+  if schedule not in diffusion_lib.SCHEDULES:
+    raise config_parsing.ConfigError(
+        f"unknown diffusion.schedule {schedule!r}; known: {', '.join(diffusion_lib.SCHEDULES)}")
+  steps = d.get("timesteps", 1000)
+  _check_count("diffusion.timesteps", steps)
+  # Linear and quadratic betas end at 20 / T (diffusion.get_betas), which must stay < 1.
+  if schedule in ("linear", "quadratic") and steps <= 20:
+    raise config_parsing.ConfigError(
+        f"diffusion.timesteps={steps} must be >= 21 for the {schedule!r} schedule "
+        "(its last beta is 20 / timesteps); or use schedule 'cosine'")
+  if d.get("sampling_timesteps") is not None:
+    _check_count("diffusion.sampling_timesteps", d.sampling_timesteps, upper=steps)
+  _check_eta("diffusion.eta", d.get("eta", 0.0))
+  # Evaluators that sample take their own steps and eta (None: the diffusion section's).
+  for name, spec in (config.get("evals") or {}).items():
+    if spec.get("type") not in ("sampling", "inpainting"):
+      continue
+    if spec.get("sampling_timesteps") is not None:
+      _check_count(f"evals.{name}.sampling_timesteps", spec["sampling_timesteps"],
+                   upper=steps)
+    if spec.get("eta") is not None:
+      _check_eta(f"evals.{name}.eta", spec["eta"])
+
+
 def check_config(config):
   """Raises ConfigError (one line) for values no run could use. Cheap: builds nothing."""
   from big_vision.models import ae  # pylint: disable=g-import-not-at-top
@@ -55,5 +107,15 @@ def check_config(config):
   _check_ratio("mask_ratio_no_noise", config.mask_ratio_no_noise)
   _check_ratio("no_noise_prob", config.no_noise_prob, upper_inclusive=True)
   ae.check_model_config(config.model)
-  if config.get("batch_size") is not None and config.batch_size <= 0:
-    raise config_parsing.ConfigError(f"batch_size={config.batch_size} must be positive")
+  batch_size = config.get("batch_size")
+  if batch_size is None and config.get("input") is not None:
+    batch_size = config.input.get("batch_size")
+  if batch_size is not None and batch_size <= 0:
+    raise config_parsing.ConfigError(f"batch_size={batch_size} must be positive")
+  # train_step.py divides the batch, its loss and gradients by grad_accum_steps.
+  accum = config.get("grad_accum_steps", 1)
+  _check_count("grad_accum_steps", accum)
+  if batch_size is not None and batch_size % accum:
+    raise config_parsing.ConfigError(
+        f"batch_size={batch_size} is not divisible by grad_accum_steps={accum}")
+  check_diffusion(config)

@@ -181,3 +181,52 @@ def test_few_shot_checks_every_class_before_fitting():
   # A class only in the test split has no training examples at all.
   with pytest.raises(ConfigError, match=r"class 3 has 0 training examples"):
     linear_probe.few_shot(x, y, [[0.0]], [3], shots=(1,), holdout_per_class=1)
+
+
+def _with(arg, **fields):
+  """The i1k config from `arg`, with dotted fields set afterwards (as --config.x=...)."""
+  config = ae_i1k.get_config(arg)
+  for dotted, value in fields.items():
+    *path, leaf = dotted.split("__")
+    node = config
+    for key in path:
+      node = node[key]
+    if leaf in node:  # Deleted first: ConfigDict keeps a field's type otherwise.
+      del node[leaf]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize("arg,fields,match", [
+    ("schedule=sigmoid", {}, r"unknown diffusion.schedule 'sigmoid'; known: cosine, linear, "
+     r"quadratic"),
+    ("timesteps=0", {}, r"diffusion.timesteps=0 must be an int >= 1"),
+    ("", dict(diffusion__timesteps=1000.0), r"diffusion.timesteps=1000.0 must be an int"),
+    ("schedule=linear,timesteps=20,sampling_timesteps=10", {},
+     r"diffusion.timesteps=20 must be >= 21 for the 'linear' schedule"),
+    ("schedule=quadratic,timesteps=5,sampling_timesteps=5", {},
+     r"diffusion.timesteps=5 must be >= 21 for the 'quadratic' schedule"),
+    ("sampling_timesteps=0", {}, r"diffusion.sampling_timesteps=0 must be an int in "
+     r"\[1, 1000\]"),
+    ("timesteps=100", {}, r"diffusion.sampling_timesteps=125 must be an int in \[1, 100\]"),
+    ("", dict(diffusion__eta=-0.5), r"diffusion.eta=-0.5 must be a number >= 0"),
+    ("finetune=True", dict(evals__samples__sampling_timesteps=1001),
+     r"evals.samples.sampling_timesteps=1001 must be an int in \[1, 1000\]"),
+    ("", dict(evals__inp=dict(type="inpainting", sampling_timesteps=0)),
+     r"evals.inp.sampling_timesteps=0 must be an int in \[1, 1000\]"),
+    ("", dict(evals__inp=dict(type="inpainting", eta=-1.0)), r"evals.inp.eta=-1.0 must be"),
+    ("grad_accum=0", {}, r"grad_accum_steps=0 must be an int >= 1"),
+    ("grad_accum=-2", {}, r"grad_accum_steps=-2 must be an int >= 1"),
+    ("", dict(grad_accum_steps=2.0), r"grad_accum_steps=2.0 must be an int >= 1"),
+    ("grad_accum=3", {}, r"batch_size=1024 is not divisible by grad_accum_steps=3"),
+])
+def test_check_config_rejects_diffusion_and_accumulation(arg, fields, match):
+  with pytest.raises(ConfigError, match=match):
+    methods.check_config(_with(arg, **fields))
+
+
+def test_check_config_accepts_sampling_options():
+  config = _with("finetune=True,schedule=linear,timesteps=21,sampling_timesteps=21",
+                 evals__samples__sampling_timesteps=1, evals__samples__eta=1.0,
+                 grad_accum_steps=4)
+  methods.check_config(config)
