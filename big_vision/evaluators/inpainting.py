@@ -67,6 +67,8 @@ class Evaluator:
                                                          reference_split),
           max_reference, cache_dir)
     model, diffusion = context.model, context.diffusion
+    # eta stays 1 unless given, not config.diffusion.eta: re-noising the visible region at
+    # every step needs stochastic steps to blend it with the generated one (as RePaint).
     steps = int(sampling_timesteps or cfg.diffusion.sampling_timesteps)
     clip = bool(cfg.diffusion.get("clip_x0", True))
 

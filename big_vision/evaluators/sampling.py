@@ -2,7 +2,8 @@
 
 Unconditional samples for every model; for class-conditional models, samples with
 classifier-free guidance at each of `guidance_scales` (1 = plain conditional). DDIM (eta)
-or DDPM with `sampling_timesteps` respaced steps, each batch one compiled program.
+or DDPM with `sampling_timesteps` respaced steps, each batch one compiled program; eta
+and the steps default to config.diffusion's.
 FID/IS use a feature network (feature_nets.py); the reference statistics of the real
 split are cached on disk, keyed by dataset, split, resolution and network. The
 real-vs-real floor (`floor_split` images against the reference) is logged beside them:
@@ -28,12 +29,15 @@ class Evaluator:
   """Yields fid{_net}, is{_net}, is{_net}_std (prefixed cfg{scale}/ when conditional)."""
 
   def __init__(self, context, num_samples=512, batch_size=128, sampler="ddim",
-               sampling_timesteps=None, eta=0.0, guidance_scales=(1.0,), feature_net=None,
+               sampling_timesteps=None, eta=None, guidance_scales=(1.0,), feature_net=None,
                reference_split="test", floor_split="train", max_reference=10_000,
                cache_dir=None, data=None, pp=None, num_grid=64, seed=0):
     if sampler not in SAMPLERS:
       raise ValueError(f"sampling: unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
     cfg = context.config
+    # eta, like the steps, defaults to the diffusion section's (as the benchmark samples).
+    if eta is None:
+      eta = cfg.diffusion.get("eta", 0.0)
     self.context, self.sampler, self.eta = context, sampler, float(eta)
     self.num_samples, self.batch_size, self.num_grid, self.seed = (
         int(num_samples), int(batch_size), int(num_grid), int(seed))
