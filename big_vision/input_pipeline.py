@@ -28,6 +28,7 @@ count as the original run. We prefer this to checkpointing the tf.data
 iterator with tf.train.Checkpoint, which stores the shuffle and prefetch
 buffers (GBs for large buffers of images) and breaks with some ops.
 """
+import difflib
 import itertools
 import math
 import os
@@ -41,6 +42,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from big_vision import datasets
+from big_vision.config_parsing import ConfigError
 from big_vision.pp import builder as pp_builder
 from big_vision.pp import rng
 
@@ -60,10 +62,14 @@ def get_dataset_builder(name: str, data_dir: str | None = None,
     return datasets.prepare(name, data_dir, **builder_kwargs)
   try:
     builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
-  except tfds.core.DatasetNotFoundError as e:
-    raise ValueError(
-        f"Unknown dataset {name!r}: neither a TFDS dataset nor one of "
-        f"{sorted(datasets.BUILDERS)}.") from e
+  except tfds.core.DatasetNotFoundError:
+    # A config mistake: one line (train.py prints ConfigErrors without a traceback).
+    near = difflib.get_close_matches(
+        datasets.base_name(name), tfds.list_builders(with_community_datasets=False), n=3)
+    hint = f" (closest TFDS names: {', '.join(near)})" if near else ""
+    raise ConfigError(
+        f"unknown dataset {name!r}: neither one of ours "
+        f"({', '.join(sorted(datasets.BUILDERS))}) nor a TFDS dataset{hint}") from None
   if not builder.is_prepared():
     root = os.path.dirname(os.path.dirname(os.fspath(builder.data_path)))
     raise FileNotFoundError(

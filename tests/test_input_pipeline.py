@@ -92,6 +92,18 @@ def test_get_dataset_builder_unknown_name(tmp_path):
     input_pipeline.get_dataset_builder("no_such_dataset_xyz", str(tmp_path))
 
 
+def test_get_dataset_builder_unknown_name_is_a_config_error(tmp_path):
+  # A ConfigError: train.py's main prints it as one line, without a traceback.
+  from big_vision.config_parsing import ConfigError
+  with pytest.raises(ConfigError) as e:
+    input_pipeline.get_dataset_builder("imagenet2021", str(tmp_path))
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert msg.startswith("unknown dataset 'imagenet2021': neither one of ours "
+                        "(fashion_mnist_local, image_folder_local) nor a TFDS dataset")
+  assert "imagenet2012" in msg  # The closest TFDS names.
+
+
 def test_get_dataset_builder_honours_tfds_data_dir(fashion_dir, monkeypatch):
   monkeypatch.setenv("TFDS_DATA_DIR", fashion_dir)
   builder = input_pipeline.get_dataset_builder("fashion_mnist_local")
