@@ -55,7 +55,7 @@ def make_update(config, model, diffusion, tx, lr_fn, rng, batch_size, num_device
   labels_on = bool(model.num_classes)
   use_ema = bool(config.get("ema_decay"))
   loss_fn = functools.partial(
-      objective.umd_loss, apply, diffusion=diffusion, no_noise_prob=config.no_noise_prob,
+      objective.umd_loss, apply, diffusion=diffusion,
       mask_ratio=config.mask_ratio, mask_ratio_no_noise=config.mask_ratio_no_noise,
       grid=model.grid, patch_size=model.patch_size,
       mask_block_size=model.mask_block_size if model.masking == "block" else None,
@@ -65,28 +65,59 @@ def make_update(config, model, diffusion, tx, lr_fn, rng, batch_size, num_device
   if batch_size % (accum * num_devices):
     raise ConfigError(f"batch_size={batch_size} is not divisible by grad_accum_steps={accum}"
                       f" x {num_devices} devices")
+  # The whole batch's clean share, as without accumulation: its first n_clean examples.
+  n_clean, n_noised = objective.split_sizes(batch_size, config.no_noise_prob)
+  micro_size = batch_size // accum
+
+  def grad_fn(n, params, images, labels, keys):
+    """Loss gradients of a micro-batch whose first n examples are the clean ones."""
+    p = n / images.shape[0]  # umd_loss takes its clean count as round(size * p) = n.
+    assert objective.split_sizes(images.shape[0], p)[0] == n, (n, images.shape)
+    return jax.value_and_grad(functools.partial(loss_fn, no_noise_prob=p), has_aux=True)(
+        params, images, labels, keys)
 
   def gradients(params, images, labels, keys):
-    """Loss gradients, summed over `accum` micro-batches so a large batch fits."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if accum == 1:
-      (_, metrics), grads = grad_fn(params, images, labels, keys)
-      return grads, metrics
-    # Micro-batch i takes every accum-th example, so each device keeps its share.
-    micro = lambda x: None if x is None else jnp.swapaxes(
-        x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1)
+    """Loss gradients, averaged over `accum` micro-batches so a large batch fits.
 
+    The same computation as the full batch: micro-batch i takes examples i, i + accum, ...
+    (so each device keeps its share), hence the clean ones among the batch's first n_clean,
+    ceil or floor of n_clean / accum of them; rounding per micro-batch would not add up.
+    Each micro-batch's loss is its mean per-example loss, so equal weights 1 / accum give
+    the batch's; the branch losses are weighted by each micro-batch's share of the branch.
+    """
+    if accum == 1:
+      (_, metrics), grads = grad_fn(n_clean, params, images, labels, keys)
+      return grads, metrics
+    micro = lambda x: None if x is None else jnp.swapaxes(
+        x.reshape((micro_size, accum) + x.shape[1:]), 0, 1)
     micro_batches = tuple(micro(x) for x in (images, labels, keys))
+    # Micro-batches [0, r) hold one clean example more than those in [r, accum): two
+    # scans, one per shape (one when accum divides n_clean).
+    low, r = divmod(n_clean, accum)
+    grads, metrics = None, {}
+    for start, stop, n in ((0, r, low + 1), (r, accum, low)):
+      if start == stop:
+        continue
+      part = jax.tree_util.tree_map(lambda x: x[start:stop], micro_batches)  # pylint: disable=cell-var-from-loop
+      g, m = _accumulate(functools.partial(grad_fn, n), params, part, weights=dict(
+          loss_clean=n / max(n_clean, 1), loss_noised=(micro_size - n) / max(n_noised, 1)))
+      grads = g if grads is None else jax.tree_util.tree_map(jnp.add, grads, g)
+      # A group may lack a branch (fewer clean images than micro-batches).
+      metrics = {k: metrics.get(k, 0.0) + m.get(k, 0.0) for k in sorted({*metrics, *m})}
+    return jax.tree_util.tree_map(lambda x: x / accum, grads), metrics
+
+  def _accumulate(step_fn, params, micro_batches, weights):
+    """Summed gradients and weighted metrics (loss: 1 / accum) over stacked micro-batches."""
     first = jax.tree_util.tree_map(lambda x: x[0], micro_batches)
-    (_, metrics_shape), grads_shape = jax.eval_shape(grad_fn, params, *first)
+    (_, metrics_shape), grads_shape = jax.eval_shape(step_fn, params, *first)
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
                                    (grads_shape, metrics_shape))
 
     def body(carry, inputs):
-      (_, metrics), grads = grad_fn(params, *inputs)
+      (_, metrics), grads = step_fn(params, *inputs)
+      metrics = {k: v * weights.get(k, 1.0 / accum) for k, v in metrics.items()}
       return jax.tree_util.tree_map(jnp.add, carry, (grads, metrics)), None
-    (grads, metrics), _ = jax.lax.scan(body, zeros, micro_batches)
-    return jax.tree_util.tree_map(lambda x: x / accum, (grads, metrics))
+    return jax.lax.scan(body, zeros, micro_batches)[0]
 
   def update(state, batch):
     # One key per example: the loss does not depend on sharding or micro-batching.
