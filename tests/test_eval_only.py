@@ -10,7 +10,6 @@ import pytest
 
 from big_vision import checkpointing
 from big_vision import config_cli
-from big_vision import input_pipeline
 from big_vision import train
 from big_vision.config_parsing import ConfigError
 from big_vision.models import ae
@@ -18,13 +17,6 @@ from big_vision.tools import eval_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = "variant=Mu/4,batch_size=32,total_steps=2,wandb_mode=disabled"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  input_pipeline.get_dataset_builder("fashion_mnist_local", path)
-  return path
 
 
 def make_config(data_dir, options="", **evals):

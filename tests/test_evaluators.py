@@ -10,7 +10,6 @@ import pytest
 
 from big_vision import config_cli
 from big_vision import diffusion as diffusion_lib
-from big_vision import input_pipeline
 from big_vision import objective
 from big_vision import sharding
 from big_vision import train
@@ -60,13 +59,6 @@ def test_probe_fit_matches_lstsq():
   xc4 = np.concatenate([x[:4] - x[:4].mean(0), np.ones((4, 1))], 1)
   primal = np.linalg.solve(xc4.T @ xc4 + 0.5 * np.eye(6), xc4.T @ (2 * np.eye(3)[y[:4]] - 1))
   np.testing.assert_allclose(w_dual, primal, atol=1e-8)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  input_pipeline.get_dataset_builder("fashion_mnist_local", path)
-  return path
 
 
 def make_context(data_dir, workdir, arg="variant=Mu/4"):

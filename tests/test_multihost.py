@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_train import data_dir  # pylint: disable=unused-import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

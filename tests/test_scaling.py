@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from tests.test_train import data_dir, fmnist_config, read_metrics  # pylint: disable=unused-import
+from tests.test_train import fmnist_config, read_metrics
 from big_vision import config_cli
 from big_vision import diffusion as diffusion_lib
 from big_vision import objective

@@ -21,14 +21,6 @@ from tests import test_input_pipeline
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  """Fashion-MNIST prepared once for this module (from Debian's files)."""
-  path = str(tmp_path_factory.mktemp("tfds"))
-  input_pipeline.get_dataset_builder("fashion_mnist_local", path)
-  return path
-
-
 def fmnist_config(data_dir, arg, overrides_with_evals=(), **overrides):
   config, _ = config_cli.load_from_argv(
       [f"--config=configs/ae_fmnist.py:variant=Mu/4,batch_size=32,wandb_mode=disabled,{arg}"]

@@ -39,7 +39,7 @@ from big_vision.models import ae
 RUN_FIELDS = ("mask_ratio", "mask_ratio_no_noise", "no_noise_prob", "model", "diffusion")
 # Inside those: other ways to compute the same function, training-only and sampler settings.
 MAY_DIFFER = ("model.remat_policy", "model.attention", "model.flat_dense", "model.dtype_mm",
-              "model.dtype_activations", "model.label_dropout",
+              "model.dtype_activations",
               "diffusion.sampling_timesteps", "diffusion.eta", "diffusion.clip_x0")
 _UNSET = "<unset>"
 
