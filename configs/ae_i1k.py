@@ -8,8 +8,9 @@ Self-supervised pre-training, 800 epochs, B/4 (100-shot linear probe every 10k s
 Class-conditional fine-tuning of a pre-trained checkpoint (50 epochs, EMA, CFG):
   ... :variant=B/4,finetune=True,init_from=PRETRAIN_WORKDIR
   (sets use_labels, mask_ratio=0, no_noise_prob=0.05, batch 256, beta2 0.999, wd 0, area_min 95)
-Latent UMD-L/2 at 256x256 on Stable-Diffusion VAE latents (32x32x4):
-  ... :variant=L/2,latent_diffusion=True,size=256,vae_weights=/path/to/vae.npz
+Latent UMD-L/2 at 256x256 on Stable-Diffusion VAE latents (32x32x4) is not available yet:
+  the options exist (latent_diffusion=True,size=256,vae_weights=...) but the trainer stops
+  with a one-line error, since it has no VAE encoder so far.
 
 Needs imagenet2012 prepared with TFDS in $TFDS_DATA_DIR (it cannot be downloaded here).
 """
