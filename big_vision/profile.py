@@ -116,9 +116,10 @@ def _op_events(profile_data):
   return result
 
 
-def summarise(profile_data, num_steps, top=25, origins=None, top_modules=15):
+def summarise(profile_data, num_steps, top=25, origins=None):
   """Per-step milliseconds by category, of the `top` most expensive ops and, given
-  `origins` ({HLO instruction: JAX op_name}, see origins_from_hlo), by model module."""
+  `origins` ({HLO instruction: JAX op_name}, see origins_from_hlo), by model module
+  (every module, costliest first)."""
   origins = origins or {}
   by_category = collections.Counter()
   by_op = collections.Counter()
@@ -151,7 +152,7 @@ def summarise(profile_data, num_steps, top=25, origins=None, top_modules=15):
     summary["by_module_ms"] = {
         module: dict(total=per_step(sum(cats.values())),
                      **{c: per_step(ns) for c, ns in cats.most_common()})
-        for module, cats in modules[:top_modules]}
+        for module, cats in modules}
   return summary
 
 
@@ -170,7 +171,7 @@ def profile(run_steps, state, num_steps, trace_dir=None, hlo_text=None):
   return state, summary
 
 
-def format_summary(summary):
+def format_summary(summary, top_modules=15):
   """Lines for a terminal."""
   if "error" in summary:
     return [f"profile: {summary['error']}"]
@@ -181,7 +182,7 @@ def format_summary(summary):
                  f"{op['jax_op'][-90:]}")
   if "by_module_ms" in summary:
     lines.append("profile by module (op time per step):")
-    for module, ms in summary["by_module_ms"].items():
+    for module, ms in list(summary["by_module_ms"].items())[:top_modules]:
       parts = ", ".join(f"{c} {v:.1f}" for c, v in ms.items() if c != "total")
       lines.append(f"  {ms['total']:8.2f} ms  {module:<44} {parts}")
   return lines
