@@ -20,7 +20,7 @@ import numpy as np
 SCHEDULES = ("cosine", "linear", "quadratic")
 
 
-def _check_count(name, value, upper=None):
+def check_count(name, value, upper=None):
   """Positive int (numpy ints too; no bools or floats) not above `upper`."""
   ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
   if ok and upper is not None:
@@ -36,7 +36,7 @@ def get_betas(schedule, num_timesteps):
   """float64 [T] betas of a named schedule; linear/quadratic scale with 1000/T."""
   if schedule not in SCHEDULES:
     raise ValueError(f"unknown beta schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
-  n = _check_count("num_timesteps", num_timesteps)
+  n = check_count("num_timesteps", num_timesteps)
   # DDPM's endpoints are for T=1000; improved-diffusion scales them so any T works.
   scale = 1000.0 / n
   lo, hi = scale * 1e-4, scale * 0.02
@@ -171,7 +171,7 @@ def respace(diffusion, sampling_timesteps):
   timestep_map composes, so it always points into the original, un-respaced diffusion.
   """
   n = diffusion.num_timesteps
-  k = _check_count("sampling_timesteps", sampling_timesteps, upper=n)
+  k = check_count("sampling_timesteps", sampling_timesteps, upper=n)
   # Counted down from the last step so that k = 1 keeps the last step, not the first.
   kept = np.round(np.linspace(n - 1, 0, k))[::-1].astype(np.int64)
   assert np.all(np.diff(kept) > 0), kept  # Spacing >= 1, so rounding keeps them distinct.

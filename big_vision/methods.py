@@ -49,17 +49,6 @@ def _check_ratio(name, value, upper_inclusive=False):
     raise config_parsing.ConfigError(f"{name}={value} is outside {allowed}")
 
 
-def _is_int(value):
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_count(name, value, upper=None):
-  """An int >= 1 (not above `upper`): step counts and micro-batches."""
-  if not (_is_int(value) and 1 <= value <= (upper if upper is not None else value)):
-    allowed = "an int >= 1" if upper is None else f"an int in [1, {upper}]"
-    raise config_parsing.ConfigError(f"{name}={value!r} must be {allowed}")
-
-
 def _check_eta(name, value):
   if not (isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
           and value >= 0):
@@ -68,35 +57,40 @@ def _check_eta(name, value):
 
 
 def check_diffusion(config):
-  """The diffusion section and the sampling options of the evaluators that use it."""
+  """The diffusion section and the sampling options of the evaluators that use it, by
+  diffusion.py's own checks (their ValueErrors become one-line ConfigErrors)."""
   from big_vision import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top
 
   d = config.get("diffusion")
   if d is None:
     return
-  schedule = d.get("schedule", "cosine")
-  if schedule not in diffusion_lib.SCHEDULES:
+  schedule, steps = d.get("schedule", "cosine"), d.get("timesteps", 1000)
+  try:
+    diffusion_lib.get_betas(schedule, steps)  # Schedule name, T, and betas below 1.
+  except ValueError as e:
     raise config_parsing.ConfigError(
-        f"unknown diffusion.schedule {schedule!r}; known: {', '.join(diffusion_lib.SCHEDULES)}")
-  steps = d.get("timesteps", 1000)
-  _check_count("diffusion.timesteps", steps)
-  # Linear and quadratic betas end at 20 / T (diffusion.get_betas), which must stay < 1.
-  if schedule in ("linear", "quadratic") and steps <= 20:
-    raise config_parsing.ConfigError(
-        f"diffusion.timesteps={steps} must be >= 21 for the {schedule!r} schedule "
-        "(its last beta is 20 / timesteps); or use schedule 'cosine'")
-  if d.get("sampling_timesteps") is not None:
-    _check_count("diffusion.sampling_timesteps", d.sampling_timesteps, upper=steps)
-  _check_eta("diffusion.eta", d.get("eta", 0.0))
+        f"diffusion.schedule={schedule!r}, diffusion.timesteps={steps!r}: {e}") from None
   # Evaluators that sample take their own steps and eta (None: the diffusion section's).
-  for name, spec in (config.get("evals") or {}).items():
-    if spec.get("type") not in ("sampling", "inpainting"):
-      continue
-    if spec.get("sampling_timesteps") is not None:
-      _check_count(f"evals.{name}.sampling_timesteps", spec["sampling_timesteps"],
-                   upper=steps)
+  evals = {name: spec for name, spec in (config.get("evals") or {}).items()
+           if spec.get("type") in ("sampling", "inpainting")}
+  counts = [("diffusion.sampling_timesteps", d.get("sampling_timesteps"))] + [
+      (f"evals.{name}.sampling_timesteps", spec.get("sampling_timesteps"))
+      for name, spec in evals.items()]
+  for name, value in counts:
+    if value is not None:
+      try:
+        diffusion_lib.check_count(name, value, upper=steps)
+      except ValueError as e:
+        raise config_parsing.ConfigError(str(e)) from None
+  _check_eta("diffusion.eta", d.get("eta", 0.0))
+  for name, spec in evals.items():
     if spec.get("eta") is not None:
       _check_eta(f"evals.{name}.eta", spec["eta"])
+
+
+def _check_positive_int(name, value):
+  if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
+    raise config_parsing.ConfigError(f"{name}={value!r} must be an int >= 1")
 
 
 def check_config(config):
@@ -114,7 +108,7 @@ def check_config(config):
     raise config_parsing.ConfigError(f"batch_size={batch_size} must be positive")
   # train_step.py divides the batch, its loss and gradients by grad_accum_steps.
   accum = config.get("grad_accum_steps", 1)
-  _check_count("grad_accum_steps", accum)
+  _check_positive_int("grad_accum_steps", accum)
   if batch_size is not None and batch_size % accum:
     raise config_parsing.ConfigError(
         f"batch_size={batch_size} is not divisible by grad_accum_steps={accum}")

@@ -57,6 +57,9 @@ def origins_from_hlo(hlo_text):
 
 
 # Where a Flax module's scope starts in an op_name: "jvp(Model)", "Model.encode", "_Net".
+# Parts of a remat'd module's op_name that are not modules (nn.remat's scopes); a nested
+# "jvp(Model)/Model.encode" repeats the scope and is skipped as well.
+_NOT_MODULES = ("checkpoint", "rematted_computation")
 _MODULE_SCOPE = re.compile(r"(?:transpose\()?(?:jvp\()?([A-Z_]\w*)\)*(?:\.(\w+))?")
 
 
@@ -78,12 +81,17 @@ def module_of(op_name):
     path = [scope.group(2)] + path
   elif path and path[0].startswith(scope.group(1) + "."):  # "jvp(Model)/Model.encode".
     path[0] = path[0].split(".", 1)[1]
-  direction = "backward" if "transpose(" in op_name else "forward"
+  # Remat's forward, recomputed inside the backward pass, is named apart.
+  direction = ("recomputed" if "rematted_computation" in op_name else
+               "backward" if "transpose(" in op_name else "forward")
   modules = []
   for part in path[:-1]:
     part = re.sub(r"_\d+$", "_*", part)
-    if "(" not in part and (not modules or modules[-1] != part):  # Dense "fc1/fc1".
-      modules.append(part)
+    scope = _MODULE_SCOPE.fullmatch(part)
+    if ("(" in part or part in _NOT_MODULES or (scope and scope.group(2))
+        or (modules and modules[-1] == part)):  # Dense's "fc1/fc1".
+      continue
+    modules.append(part)
   if "block_*" in modules:
     i = modules.index("block_*")
     modules = modules[max(i - 1, 0):i + 3]

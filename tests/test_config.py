@@ -198,14 +198,14 @@ def _with(arg, **fields):
 
 
 @pytest.mark.parametrize("arg,fields,match", [
-    ("schedule=sigmoid", {}, r"unknown diffusion.schedule 'sigmoid'; known: cosine, linear, "
-     r"quadratic"),
-    ("timesteps=0", {}, r"diffusion.timesteps=0 must be an int >= 1"),
-    ("", dict(diffusion__timesteps=1000.0), r"diffusion.timesteps=1000.0 must be an int"),
+    ("schedule=sigmoid", {}, r"diffusion.schedule='sigmoid', diffusion.timesteps=1000: "
+     r"unknown beta schedule 'sigmoid'; allowed: cosine, linear, quadratic"),
+    ("timesteps=0", {}, r"diffusion.timesteps=0: num_timesteps=0 must be an int >= 1"),
+    ("", dict(diffusion__timesteps=1000.0), r"diffusion.timesteps=1000.0: .* must be an int"),
     ("schedule=linear,timesteps=20,sampling_timesteps=10", {},
-     r"diffusion.timesteps=20 must be >= 21 for the 'linear' schedule"),
+     r"diffusion.timesteps=20: 'linear' schedule .* use num_timesteps >= 21 or 'cosine'"),
     ("schedule=quadratic,timesteps=5,sampling_timesteps=5", {},
-     r"diffusion.timesteps=5 must be >= 21 for the 'quadratic' schedule"),
+     r"diffusion.timesteps=5: 'quadratic' schedule .* use num_timesteps >= 21"),
     ("sampling_timesteps=0", {}, r"diffusion.sampling_timesteps=0 must be an int in "
      r"\[1, 1000\]"),
     ("timesteps=100", {}, r"diffusion.sampling_timesteps=125 must be an int in \[1, 100\]"),

@@ -74,13 +74,17 @@ def test_matching_config_with_other_evals_proceeds(data_dir, workdir):
   assert "val/loss" in saved and saved["val/loss"] > 0
 
 
-def test_cli_mismatch_exits_with_one_line(workdir):
+@pytest.mark.parametrize("config_args", [
+    [f"--config=configs/ae_fmnist.py:{OPTIONS},method=dit"],
+    ["--config.no_noise_prob=0.0"],  # No --config: the run's own, but this override.
+])
+def test_cli_mismatch_exits_with_one_line(workdir, config_args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="disabled", BV_JEMALLOC="0")
   out = subprocess.run(
-      [sys.executable, "-m", "big_vision.tools.eval_only", "--config",
-       f"configs/ae_fmnist.py:{OPTIONS},method=dit", "--workdir", workdir],
+      [sys.executable, "-m", "big_vision.tools.eval_only", *config_args,
+       "--workdir", workdir],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 2, out.stderr[-2000:]
   lines = [l for l in out.stderr.splitlines() if "config error" in l]
-  assert len(lines) == 1 and "no_noise_prob: run 0.5, config 0.0" in lines[0]
+  assert len(lines) == 1 and "no_noise_prob: run 0.5, config 0.0" in lines[0], out.stderr
   assert "Traceback" not in out.stderr

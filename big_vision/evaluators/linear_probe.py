@@ -52,8 +52,9 @@ def select_shots(labels, shots, rng, exclude=()):
 def check_pool(train_y, test_y, shots, holdout_per_class):
   """Raises ConfigError unless every class has holdout_per_class + max(shots) examples.
 
-  Checked before any fitting, so a too small train_split fails at once, naming the class.
-  Classes seen only in the test split count too: the probe could never predict them.
+  Checked before any fitting, so a too small train_split fails with one line naming the
+  class (at the probe's first run: the counts are known once the features are). Classes
+  seen only in the test split count too: the probe could never predict them.
   """
   need = holdout_per_class + max(shots)
   classes = np.union1d(np.unique(train_y), np.unique(test_y))

@@ -5,7 +5,7 @@ classifier-free guidance at each of `guidance_scales` (1 = plain conditional). D
 or DDPM with `sampling_timesteps` respaced steps, each batch one compiled program; eta
 and the steps default to config.diffusion's.
 FID/IS use a feature network (feature_nets.py); the reference statistics of the real
-split are cached on disk, keyed by dataset, split, resolution and network. The
+split are cached on disk (keyed as in fid_scorer.py, weights file included). The
 real-vs-real floor (`floor_split` images against the reference) is logged beside them:
 a model cannot be expected to beat it with this many samples.
 """

@@ -155,14 +155,13 @@ def main(argv, config, overrides=()):
     print("error: --workdir DIR is required", file=sys.stderr)
     sys.exit(2)
   try:
-    if config is None:  # The run's own config, with the command line's overrides.
-      path = run_config_path(flags.FLAGS.workdir, flags.FLAGS.checkpoint)
+    if config is None:  # The run's own config, with the command line's overrides;
+      # evaluate() then refuses overrides of what defines the trained function.
       config = resolve_config(None, flags.FLAGS.workdir, flags.FLAGS.checkpoint)
       for dotted, raw in overrides:
         config_cli.apply_override(config, dotted, raw)
       methods.check_config(config)
-      check_matches_run(config, load_run_config(path), path)  # No override of RUN_FIELDS.
-      logging.warning("evaluating with the run's %s", path)
+      logging.warning("evaluating with the run's saved config.json")
     evaluate(config, flags.FLAGS.workdir, flags.FLAGS.checkpoint)
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
