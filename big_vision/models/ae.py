@@ -304,7 +304,7 @@ class Model(nn.Module):
                           (1, self.num_cls_tokens, self.width))
     self.t_embedder = conditioning.TimestepEmbedder(self.width)
     if self.num_classes:
-      self.y_embedder = conditioning.LabelEmbedder(self.num_classes, self.width, dropout=0.0)
+      self.y_embedder = conditioning.LabelEmbedder(self.num_classes, self.width)
     self.encoder = Stack(self.depth, self.mlp_dim, self.num_heads, **stack)
     self.encoder_norm = nn.LayerNorm()
     self.decoder_embed = dense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
@@ -324,13 +324,13 @@ class Model(nn.Module):
   def null_labels(self, batch_size):
     return jnp.full((batch_size,), self.num_classes, jnp.int32)
 
-  def condition(self, t, labels=None, train=False):
+  def condition(self, t, labels=None):
     """[B] time steps (0 = clean) and optional labels -> [B, width] condition."""
     cond = self.t_embedder(t)
     if self.num_classes:
       if labels is None:
         labels = self.null_labels(t.shape[0])
-      cond = cond + self.y_embedder(labels, train=train)
+      cond = cond + self.y_embedder(labels)
     return cond
 
   def make_masking(self, batch_size, mask_ratio):
@@ -405,7 +405,7 @@ class Model(nn.Module):
     if sum(sizes) != b:
       raise ValueError(f"maskings cover {sum(sizes)} images (groups of {sizes}); the batch "
                        f"has {b}")
-    cond = self.condition(t, labels, train=train)
+    cond = self.condition(t, labels)
     tokens, start = [], 0
     for m, size in zip(groups, sizes):
       sl = slice(start, start + size)

@@ -5,7 +5,6 @@ tell "clean" from "slightly noised". The label table has one extra row, the null
 used for unconditional inputs and classifier-free guidance.
 """
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,20 +36,16 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-  """Class label embedding with a null class (index num_classes) and label dropout."""
+  """Class label embedding with a null class (index num_classes). Label dropout for
+  classifier-free guidance is the objective's (objective.drop_labels), per example key."""
   num_classes: int
   width: int
-  dropout: float = 0.1
 
   @nn.compact
-  def __call__(self, labels, train=False):
+  def __call__(self, labels):
     table = nn.Embed(self.num_classes + 1, self.width,
                      embedding_init=nn.initializers.normal(0.02), name="table")
     if labels is None:
       raise ValueError("labels are required for a class-conditional model; pass "
                        "null_labels(batch) for unconditional inputs")
-    labels = jnp.asarray(labels, jnp.int32)
-    if train and self.dropout > 0:
-      drop = jax.random.bernoulli(self.make_rng("dropout"), self.dropout, labels.shape)
-      labels = jnp.where(drop, self.num_classes, labels)
-    return table(labels)
+    return table(jnp.asarray(labels, jnp.int32))
