@@ -158,6 +158,15 @@ class GaussianDiffusion:
 
 def _extract(table, t, x):
   """table[t] as float32, shaped to broadcast against x ([B] -> [B, 1, ..., 1])."""
+  n = np.shape(table)[0]
+  try:  # JAX would clamp (or wrap) a bad index silently; a traced t cannot be checked.
+    tn = np.asarray(t)
+  except jax.errors.TracerArrayConversionError:
+    tn = None
+  if tn is not None and tn.size and (tn.min() < 0 or tn.max() >= n):
+    bad = tn.min() if tn.min() < 0 else tn.max()
+    raise ValueError(f"diffusion step t={bad} must lie in [0, {n}) (0-based: index t is "
+                     f"step t + 1)")
   t = jnp.asarray(t)
   vals = jnp.asarray(np.asarray(table), jnp.float32)[t]
   return vals.reshape(t.shape + (1,) * (jnp.ndim(x) - t.ndim))

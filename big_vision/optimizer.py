@@ -29,8 +29,9 @@ def peak_lr(config):
 
 
 def lr_schedule(config, total_steps, warmup_steps):
+  # warmup_steps = 0 is no warmup: step 0 already trains at the peak (optax handles 0).
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak_lr(config), warmup_steps=max(warmup_steps, 1),
+      init_value=0.0, peak_value=peak_lr(config), warmup_steps=max(warmup_steps, 0),
       decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
 
 

@@ -4,6 +4,7 @@ Shared by the trainer's PNG grids and the reconstruction evaluator.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from big_vision.models import masking as masking_lib
 
@@ -21,6 +22,12 @@ def reconstruct(apply_fn, params, images, rng, *, mask_ratio, grid, patch_size, 
          reconstruction=visible pixels of the original + predicted masked pixels;
          mask=[B,H,W,1] pixel mask).
   """
+  if t is not None:
+    if diffusion is None:
+      raise ValueError(f"t={t!r} needs the diffusion (diffusion=None) to noise the images")
+    n = diffusion.num_timesteps
+    if not (isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < n):
+      raise ValueError(f"t={t!r} must be None (clean) or an int in [0, {n}) (0-based step)")
   b = images.shape[0]
   rng_mask, rng_noise = jax.random.split(rng)
   if t is None:
