@@ -110,8 +110,20 @@ def eval_input_config(context, data=None, pp=None, batch_size=None, split=None):
     data.setdefault("data_dir", cfg.input.data.get("data_dir"))
   data["split"] = split or data.get("split") or cfg.get("eval_split", "test")
   input_pipeline.get_dataset_builder(data["name"], data.get("data_dir"))  # Exists?
+  n = context.mesh.devices.size  # Eval batches are sharded over every device.
+  if not batch_size:
+    batch_size = device_multiple(context, min(cfg.input.batch_size, 256))
+  elif int(batch_size) % n:
+    raise ConfigError(f"eval batch_size={batch_size} is not divisible by the {n} devices "
+                      f"the eval batches are sharded over; use a multiple of {n}")
   return dict(data=data, pp=pp or cfg.get("pp_eval") or cfg.input.pp,
-              batch_size=batch_size or min(cfg.input.batch_size, 256))
+              batch_size=int(batch_size))
+
+
+def device_multiple(context, batch_size):
+  """batch_size rounded up to a multiple of the devices (for the evaluators' own sizes)."""
+  n = context.mesh.devices.size
+  return -(-int(batch_size) // n) * n
 
 
 def iterate(context, input_config, max_examples=None):
@@ -120,7 +132,8 @@ def iterate(context, input_config, max_examples=None):
   seen = 0
   for batch in input_pipeline.start_global(ds, context.data_sharding, n_prefetch=0):
     yield batch
-    seen += int(np.asarray(jax.device_get(batch[input_pipeline.MASK_KEY])).sum())
+    # Every process's rows: the mask is a global array, not fetchable whole on one host.
+    seen += int(gather(batch[input_pipeline.MASK_KEY]).sum())
     if max_examples and seen >= max_examples:
       return
 
@@ -130,6 +143,13 @@ def gather(x):
   if jax.process_count() > 1:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
+
+
+def on_every_process(flag):
+  """True where every process says True (collective: call it on all processes)."""
+  if jax.process_count() > 1:
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+  return bool(flag)
 
 
 def collect(context, input_config, fn, max_examples=None):

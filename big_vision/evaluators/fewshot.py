@@ -26,6 +26,12 @@ class Evaluator:
                data=None, pp=None, batch_size=None):
     if features not in FEATURES:
       raise ValueError(f"fewshot: unknown features {features!r}; known: {', '.join(FEATURES)}")
+    linear_probe.check_options(shots, seeds, holdout_per_class)  # Before any training.
+    n = context.diffusion.num_timesteps
+    integral = isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(
+        t, bool) and float(t).is_integer()
+    if features == "noised" and not (integral and 0 <= t < n):
+      raise ValueError(f"fewshot: t={t!r} must be a diffusion step, an int in [0, {n - 1}]")
     self.context, self.features, self.t = context, features, int(t)
     self.shots, self.seeds, self.holdout = tuple(shots), int(seeds), int(holdout_per_class)
     self.train_cfg = common.eval_input_config(context, data, pp, batch_size, train_split)

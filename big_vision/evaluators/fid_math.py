@@ -9,6 +9,8 @@ IS = exp(E_x KL(p(y|x) || p(y))), the mean and spread over `num_splits` splits.
 import hashlib
 import os
 import re
+import threading
+import uuid
 
 import numpy as np
 
@@ -89,7 +91,9 @@ def inception_score(probs, num_splits=10):
 
 def save_statistics(path, mu, sigma, **metadata):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"
+  # A temporary name of this writer's own: several processes (hosts sharing the cache
+  # directory) may write the same statistics at once.
+  tmp = f"{path}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}.tmp.npz"
   np.savez(tmp, mu=mu, sigma=sigma, **{f"meta_{k}": np.asarray(str(v)) for k, v in
                                         metadata.items()})
   os.replace(tmp, path)  # Atomic: concurrent readers never see half a file.
@@ -108,14 +112,15 @@ def cache_path(cache_dir, key_fields):
   return os.path.join(cache_dir, re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:150] + f"_{digest}.npz")
 
 
-def cached_reference_stats(cache_dir, key_fields, compute_fn):
+def cached_reference_stats(cache_dir, key_fields, compute_fn, agree=bool):
   """(mu, sigma) from the cache file for key_fields, computing and saving it if missing.
 
   compute_fn() -> (mu, sigma). key_fields should name dataset, split, resolution and
-  feature network.
+  feature network. agree(found here) -> whether to read the file: when compute_fn is
+  collective (several processes), every process must take the same branch.
   """
   path = cache_path(cache_dir, key_fields)
-  if os.path.exists(path):
+  if agree(os.path.exists(path)):
     mu, sigma, _ = load_statistics(path)
     return mu, sigma
   mu, sigma = compute_fn()

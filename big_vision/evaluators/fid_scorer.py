@@ -55,7 +55,8 @@ class Scorer:
     if self._reference is None:
       self._reference = fid_math.cached_reference_stats(
           self.cache_dir, self.cache_key(), lambda: fid_math.feature_statistics(
-              self.net(self.real_images(self.reference_cfg, self.max_reference))[0]))
+              self.net(self.real_images(self.reference_cfg, self.max_reference))[0]),
+          agree=common.on_every_process)  # Computing them is collective.
     return self._reference
 
   def scores(self, images):

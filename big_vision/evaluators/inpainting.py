@@ -63,8 +63,8 @@ class Evaluator:
     self.scorer = None
     if feature_net:  # Reference statistics are cached and shared with the sampling eval.
       self.scorer = fid_scorer.Scorer(
-          context, feature_net, common.eval_input_config(context, data, pp, 500,
-                                                         reference_split),
+          context, feature_net, common.eval_input_config(
+              context, data, pp, common.device_multiple(context, 500), reference_split),
           max_reference, cache_dir)
     model, diffusion = context.model, context.diffusion
     # eta stays 1 unless given, not config.diffusion.eta: re-noising the visible region at

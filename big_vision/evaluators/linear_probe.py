@@ -49,6 +49,20 @@ def select_shots(labels, shots, rng, exclude=()):
   return np.concatenate(chosen)
 
 
+def check_options(shots, seeds, holdout_per_class):
+  """Raises ConfigError unless shots are ints >= 1 (at least one) and seeds and
+  holdout_per_class are ints >= 1: without them the probe reports nan, or a ridge strength
+  chosen on no examples at all."""
+  def is_count(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+  shots = tuple(shots) if isinstance(shots, (list, tuple)) else shots
+  if not isinstance(shots, tuple) or not shots or not all(is_count(k) for k in shots):
+    raise ConfigError(f"few-shot probe: shots={shots!r} must be a non-empty list of ints >= 1")
+  for name, value in (("seeds", seeds), ("holdout_per_class", holdout_per_class)):
+    if not is_count(value):
+      raise ConfigError(f"few-shot probe: {name}={value!r} must be an int >= 1")
+
+
 def check_pool(train_y, test_y, shots, holdout_per_class):
   """Raises ConfigError unless every class has holdout_per_class + max(shots) examples.
 
@@ -70,6 +84,7 @@ def check_pool(train_y, test_y, shots, holdout_per_class):
 def few_shot(train_x, train_y, test_x, test_y, *, shots=(1, 5, 10, 25, 100), seeds=3,
              holdout_per_class=20, l2_grid=L2_GRID):
   """Accuracy per shot count: {shots: (mean, std, [per-seed], [chosen l2])}."""
+  check_options(shots, seeds, holdout_per_class)
   train_y, test_y = np.asarray(train_y), np.asarray(test_y)
   check_pool(train_y, test_y, shots, holdout_per_class)
   num_classes = int(max(train_y.max(), test_y.max())) + 1

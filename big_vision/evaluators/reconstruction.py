@@ -12,6 +12,7 @@ from big_vision import input_pipeline
 from big_vision import reconstruct
 from big_vision import visualize
 from big_vision.evaluators import common
+from big_vision.models import masking as masking_lib
 
 
 class Evaluator:
@@ -24,6 +25,7 @@ class Evaluator:
       mask_ratio = cfg.mask_ratio_no_noise if cfg.no_noise_prob > 0 else cfg.mask_ratio
     if not mask_ratio:
       raise ValueError("reconstruction needs mask_ratio > 0 (the config masks nothing)")
+    masking_lib.check_mask_ratio(mask_ratio)  # Now, not at the first eval mid-training.
     self.context, self.mask_ratio, self.name = context, float(mask_ratio), name
     self.input_cfg = common.eval_input_config(context, data, pp, batch_size, split)
     self.max_examples, self.num_images = max_examples, num_images

@@ -46,12 +46,13 @@ class Evaluator:
     self.num_classes = int(cfg.model.get("num_classes") or 0)
     self.guidance_scales = tuple(guidance_scales) if self.num_classes else ()
     self.scorer = None
+    real_batch = common.device_multiple(context, 500)
     if feature_net:
       self.scorer = fid_scorer.Scorer(
-          context, feature_net, common.eval_input_config(context, data, pp, 500,
+          context, feature_net, common.eval_input_config(context, data, pp, real_batch,
                                                          reference_split),
           max_reference, cache_dir)
-    self.floor_cfg = common.eval_input_config(context, data, pp, 500,
+    self.floor_cfg = common.eval_input_config(context, data, pp, real_batch,
                                               f"{floor_split}[:{self.num_samples}]")
     self._floor = None
     model, diffusion = context.model, context.diffusion
