@@ -6,15 +6,23 @@ number of devices or processes.
 """
 import os
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
+
+
+def _absolute(path):
+  """A local path made absolute; URLs such as gs://bucket/run stay as they are (os.path
+  would turn them into a local ./gs:/bucket/run)."""
+  path = os.fspath(path)
+  return path.rstrip("/") if "://" in path else os.path.abspath(path)
 
 
 class Checkpointer:
   """Saves to and restores from DIR/checkpoints/<step>/."""
 
   def __init__(self, workdir, max_to_keep=2):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = os.path.join(_absolute(workdir), "checkpoints")
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                                              create=True))
@@ -33,6 +41,12 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
     return restored.state, restored.extra
 
+  def extra(self, step):
+    """The bookkeeping JSON saved with `step`, without reading the state."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        extra=ocp.args.JsonRestore()))
+    return restored.extra
+
   def wait(self):
     self._manager.wait_until_finished()
 
@@ -45,13 +59,14 @@ def load_params(path):
   step's folder (DIR/checkpoints/1000). Returns ({"params": ..., and "ema_params" when the
   run keeps them}, step), as host arrays.
   """
-  path = os.path.abspath(path)
+  path = _absolute(path)
+  isdir = lambda p: epath.Path(p).is_dir()
   step = None
-  if os.path.basename(path).isdigit() and os.path.isdir(path):
+  if os.path.basename(path).isdigit() and isdir(path):
     path, step = os.path.dirname(path), int(os.path.basename(path))
-  elif os.path.isdir(os.path.join(path, "checkpoints")):
+  elif isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
-  if not os.path.isdir(path):
+  if not isdir(path):
     raise FileNotFoundError(f"{path} is not a workdir or checkpoint directory")
   manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step

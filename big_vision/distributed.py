@@ -206,11 +206,17 @@ def _from_env(env: Mapping[str, str]) -> Plan:
                          f"{launcher.size}={launched} processes")
       num = launched if num is None else num
       pid = _int(env, launcher.rank) if pid is None else pid
+    if pid is None and num == 1:  # One process (ibrun.sh on one node): no rank to read.
+      pid = 0
     missing = [v for v, x in ((NUM_PROCESSES_VAR, num), (PROCESS_ID_VAR, pid)) if x is None]
     if missing:
       raise ValueError(f"{COORDINATOR_VAR}={env[COORDINATOR_VAR]} is set but "
                        f"{' and '.join(missing)} is not, and no launcher rank variable "
                        f"({', '.join(l.rank for l in LAUNCHERS)}) says it")
+    if num < 1:
+      raise ValueError(f"{NUM_PROCESSES_VAR}={num} must be at least 1")
+    if not 0 <= pid < num:
+      raise ValueError(f"{PROCESS_ID_VAR}: process_id={pid} is not in [0, num_processes={num})")
     ids = _device_ids(env.get(LOCAL_DEVICE_IDS_VAR), LOCAL_DEVICE_IDS_VAR)
     return Plan("bv_env", env[COORDINATOR_VAR], num, pid, ids)
 

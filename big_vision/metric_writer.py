@@ -7,12 +7,14 @@ import time
 class MetricWriter:
   """Appends one JSON object per logged step; mirrors to wandb on the main process."""
 
-  def __init__(self, workdir, config, is_main=True):
+  def __init__(self, workdir, config, is_main=True, resume_step=None):
     self.is_main = is_main
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._wandb = None
     if not is_main:
       return
+    if resume_step is not None:
+      self._drop_after(resume_step)
     mode = config.get("wandb", {}).get("mode", "offline")
     if mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
       import wandb  # pylint: disable=g-import-not-at-top
@@ -29,6 +31,27 @@ class MetricWriter:
       f.write(json.dumps(record) + "\n")
     if self._wandb is not None:
       self._wandb.log(record, step=int(step))
+
+  def _drop_after(self, step):
+    """Forgets the records of steps after `step`: a run resumed from that checkpoint logs
+    them again, and the interrupted run's ones belong to a discarded history."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = f.readlines()
+    kept = []
+    for line in lines:
+      try:
+        if int(json.loads(line)["step"]) > step:
+          continue
+      except (ValueError, KeyError, TypeError):
+        pass  # Not ours to judge: keep it.
+      kept.append(line)
+    if len(kept) != len(lines):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
 
   def close(self):
     if self._wandb is not None:
@@ -82,13 +105,20 @@ class Progress:
     eta = "?"
     if rate:
       seconds = (self.total_steps - step) * self.batch_size / rate
-      eta = time.strftime("%H:%M:%S", time.gmtime(seconds))
+      eta = _duration(seconds)
     img_s = f"{rate:.1f}" if rate else "(compiling)"
     text = f"step {step}/{self.total_steps} loss {metrics['loss']:.4f}"
     for key in ("loss_clean", "loss_noised"):
       if key in metrics:
         text += f" {key.split('_')[1]} {metrics[key]:.4f}"
     return text + f" lr {metrics['lr']:.2e} img/s {img_s} ETA {eta}"
+
+
+def _duration(seconds):
+  """'HH:MM:SS', with 'Nd ' in front past a day (time.strftime would wrap at 24 h)."""
+  days, rest = divmod(int(round(seconds)), 86400)
+  text = time.strftime("%H:%M:%S", time.gmtime(rest))
+  return f"{days}d {text}" if days else text
 
 
 def log(text):

@@ -43,6 +43,15 @@ def check_trainable(config):
                       "config.vae.weights; this trainer trains in pixel space only so far")
   if not config.get("total_steps") and not config.get("total_epochs"):
     raise ConfigError("set the run's length: total_steps=N or epochs=E in the config string")
+  # A negative length would train nothing and still report "done"; a warmup share beyond
+  # [0, 1] would never reach the peak learning rate.
+  steps_lib.check(config, "total")
+  steps_lib.check(config, "warmup")
+  for key in ("log_training_steps", "ckpt_steps", "image_steps"):  # Used as step % value.
+    value = config.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 1):
+      raise ConfigError(f"{key}={value!r} must be an int >= 1 (steps between two of them)")
 
 
 def save_config(config, workdir):
@@ -64,6 +73,17 @@ def train(config, workdir):
   sharding.check_batch(batch_size, mesh)
   ckpt = checkpointing.Checkpointer(workdir)
   resume_step = ckpt.latest_step()
+  if resume_step is not None:
+    # The data position is resume_step batches of this batch size: it must be the one
+    # the checkpointed run used, or the resumed run would repeat or skip data.
+    seen = (ckpt.extra(resume_step) or {}).get("examples_seen")
+    if seen is not None and seen != resume_step * batch_size:
+      ckpt.close()
+      raise ConfigError(
+          f"batch_size={batch_size}, but the checkpoint of step {resume_step} in {workdir} "
+          f"was trained with batch_size={seen // resume_step} ({seen} examples seen); "
+          "resume with that batch size, or start a new workdir (init_from=... to keep "
+          "the parameters)")
   train_ds, num_train = input_pipeline.training(config.input, seed=config.seed,
                                                 skip_batches=resume_step or 0)
   total_steps = steps_lib.resolve(config, "total", num_train, batch_size)
@@ -105,8 +125,8 @@ def train(config, workdir):
           state["params"], checkpointing.load_params(config.init_from)[0]["params"])
       state = dict(state, params=params, opt_state=jax.jit(
           tx.init, out_shardings=state_shardings["opt_state"])(params))
-      if use_ema:
-        state["ema_params"] = params
+      if use_ema:  # A copy: the step donates the state, and one buffer cannot go twice.
+        state["ema_params"] = jax.tree_util.tree_map(lambda p: p.copy(), params)
       log(f"initialised from {config.init_from}; fresh: {fresh or 'nothing'}")
 
   # The update step: one jit-compiled program with explicit shardings.
@@ -152,7 +172,8 @@ def train(config, workdir):
       data_sharding=data_sharding), num_train, batch_size, log=log)
 
   # The loop. The data iterator skips the batches earlier runs consumed.
-  writer = metric_writer.MetricWriter(workdir, config, is_main=is_main)
+  writer = metric_writer.MetricWriter(workdir, config, is_main=is_main,
+                                      resume_step=resume_step)
   batches = input_pipeline.start_global(
       train_ds, data_sharding, n_prefetch=config.input.get("prefetch_to_device", 2))
   progress = metric_writer.Progress(total_steps, batch_size, start_step)

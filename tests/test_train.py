@@ -129,16 +129,19 @@ def test_init_from_loads_source_params_and_adds_label_embedding(data_dir, tmp_pa
     update = real_make_update(*args, **kwargs)
 
     def recorded(state, batch):
-      jax.debug.callback(lambda p: seen.append(_flat(p)), state["params"])
+      jax.debug.callback(lambda p, e: seen.append((_flat(p), _flat(e))), state["params"],
+                         state["ema_params"])
       return update(state, batch)
     return recorded
 
   monkeypatch.setattr(checkpointing, "merge_params", merge)
   monkeypatch.setattr(train_step, "make_update", make_update)
-  config = fmnist_config(data_dir, f"total_steps=2,use_labels=True,init_from={source}")
+  config = fmnist_config(data_dir, f"total_steps=2,use_labels=True,ema=0.9,init_from={source}")
   state, _ = train.train(config, str(tmp_path / "finetune"))
   assert len(fresh) == 1 and len(seen) == 2
-  first, fresh = seen[0], fresh[0]
+  (first, first_ema), fresh = seen[0], fresh[0]
+  for key in first:  # The EMA starts at the loaded parameters too.
+    np.testing.assert_array_equal(first_ema[key], first[key])
 
   label = "['y_embedder']['table']['embedding']"
   assert label in first and label not in pretrained and label in _flat(state["params"])

@@ -1,0 +1,102 @@
+"""Review fixes: launch with one process, ETA past a day, run lengths that train nothing."""
+import pytest
+
+from big_vision import distributed
+from big_vision import metric_writer
+from big_vision import train
+from big_vision import config_cli
+from big_vision.config_parsing import ConfigError
+
+
+def test_ibrun_single_process_plan():
+  # `bash ibrun.sh -- ...` on one node exports these two; the launcher's size is 1.
+  env = {"BV_COORDINATOR_ADDRESS": "n1:12355", "BV_NUM_PROCESSES": "1"}
+  for extra in ({}, {"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"},
+                {"PMI_SIZE": "1", "PMI_RANK": "0"}):
+    p = distributed.plan(dict(env, **extra))
+    assert (p.coordinator_address, p.num_processes, p.process_id) == ("n1:12355", 1, 0)
+
+
+def test_env_process_id_out_of_range_is_one_clear_error():
+  env = {"BV_COORDINATOR_ADDRESS": "n1:12355", "BV_NUM_PROCESSES": "8", "BV_PROCESS_ID": "8"}
+  with pytest.raises(ValueError, match=r"process_id=8 is not in \[0, num_processes=8\)"):
+    distributed.plan(env)
+
+
+def test_eta_beyond_one_day():
+  progress = metric_writer.Progress(total_steps=1_000_000, batch_size=1024, first_step=0)
+  # 1e6 steps of 1024 images at 2048 img/s: 500000 s = 5 days 18:53:20.
+  line = progress.line(0, {"loss": 1.0, "lr": 1e-4}, rate=2048.0)
+  assert "ETA 5d 18:53:20" in line, line
+  short = metric_writer.Progress(total_steps=100, batch_size=10, first_step=0)
+  assert "ETA 00:01:40" in short.line(0, {"loss": 1.0, "lr": 1e-4}, rate=10.0)
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("total_steps=-5", "total_steps=-5"),
+    ("epochs=-1.0", "epochs=-1.0"),
+    ("total_steps=10,warmup=1.5", "warmup"),
+    ("total_steps=10,warmup=-0.1", "warmup"),
+])
+def test_run_length_that_trains_nothing_is_a_config_error(arg, message):
+  config, _ = config_cli.load_from_argv([f"--config=configs/ae_fmnist.py:{arg}"])
+  with pytest.raises(ConfigError, match=message):
+    train.check_trainable(config)
+
+
+def test_zero_interval_is_a_config_error_not_a_zero_division_mid_run():
+  config, _ = config_cli.load_from_argv(
+      ["--config=configs/ae_fmnist.py:total_steps=10", "--config.ckpt_steps=0"])
+  with pytest.raises(ConfigError, match="ckpt_steps=0 must be an int >= 1"):
+    train.check_trainable(config)
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_resume_rewrites_no_step_twice_and_needs_the_same_batch(data_dir, tmp_path,
+                                                                 monkeypatch):
+  from big_vision import input_pipeline  # pylint: disable=g-import-not-at-top
+  from tests.test_train import fmnist_config, read_metrics  # pylint: disable=g-import-not-at-top
+  config = fmnist_config(data_dir, "total_steps=4", log_training_steps=1, ckpt_steps=2)
+  workdir = str(tmp_path / "run")
+  real_start = input_pipeline.start_global
+
+  def start_then_die(*args, **kwargs):
+    batches = real_start(*args, **kwargs)
+    for _ in range(3):
+      yield next(batches)
+    raise _Interrupt()
+
+  monkeypatch.setattr(input_pipeline, "start_global", start_then_die)
+  with pytest.raises(_Interrupt):
+    train.train(config, workdir)
+  monkeypatch.setattr(input_pipeline, "start_global", real_start)
+  assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3]
+
+  # Another batch size would skip 2 batches of another size: wrong data position.
+  other = fmnist_config(data_dir, "total_steps=4,batch_size=16", log_training_steps=1,
+                        ckpt_steps=2)
+  with pytest.raises(ConfigError, match=r"batch_size=16.*step 2.*batch_size=32"):
+    train.train(other, workdir)
+
+  train.train(config, workdir)
+  # Step 3 of the interrupted run was discarded with it; it is logged once, by the resumed run.
+  assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3, 4]
+
+
+def test_checkpoints_of_a_bucket_workdir_stay_in_the_bucket(monkeypatch, tmp_path):
+  from big_vision import checkpointing  # pylint: disable=g-import-not-at-top
+  seen = []
+
+  class FakeManager:
+    def __init__(self, directory, options=None):
+      del options
+      seen.append(str(directory))
+
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(checkpointing.ocp, "CheckpointManager", FakeManager)
+  checkpointing.Checkpointer("gs://bucket/umd_b4")
+  checkpointing.Checkpointer("rel/run")
+  assert seen == ["gs://bucket/umd_b4/checkpoints", str(tmp_path / "rel/run/checkpoints")]
