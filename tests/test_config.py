@@ -237,13 +237,15 @@ def test_sampling_eta_defaults_to_the_diffusion_section(monkeypatch):
   from big_vision import diffusion as diffusion_lib
   from big_vision.evaluators import common
   from big_vision.evaluators import sampling
+  from big_vision import sharding
   from big_vision.models import ae
   monkeypatch.setattr(common, "eval_input_config", lambda *a, **k: {})
   config = ae_i1k.get_config("variant=Ti/4,size=32")
   config.diffusion.eta = 0.5
   context = common.Context(model=ae.build_model(config.model),
                            diffusion=diffusion_lib.GaussianDiffusion.create("cosine", 10),
-                           config=config, workdir="", mesh=None, data_sharding=None)
+                           config=config, workdir="", mesh=sharding.make_mesh(),
+                           data_sharding=None)
   assert sampling.Evaluator(context).eta == 0.5
   assert sampling.Evaluator(context, eta=0.0).eta == 0.0  # An explicit option wins.
   del config.diffusion["eta"]
