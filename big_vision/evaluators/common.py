@@ -9,7 +9,11 @@
   ...:         the evaluator's own options.
 Each evaluator is `Evaluator(context, **options)` with `run(params, step)` yielding
 (metric name, value); names are prefixed with the eval's name in metrics.jsonl.
+
+Long loops inside evaluators report their progress with `Progress` (at most one line every
+PROGRESS_EVERY_S seconds, on process 0 only), through the log given to `run_due`.
 """
+import contextlib
 import dataclasses
 import importlib
 import math
@@ -26,6 +30,84 @@ from big_vision.config_parsing import ConfigError
 
 TYPES = ("fewshot", "diffusion_loss", "reconstruction", "sampling", "inpainting")
 _FRAMEWORK_KEYS = ("type", "every_steps", "every_epochs", "use_ema")
+PROGRESS_EVERY_S = 30.0  # Seconds between progress lines of a long eval loop.
+_clock = time.monotonic  # Progress's clock (tests replace it).
+
+# The eval `run_due` is running now and its log: progress lines name it and go where its
+# start and end lines go. Outside run_due (an evaluator run directly): "eval", print.
+_running = {"name": None, "log": None}
+
+
+@contextlib.contextmanager
+def _reporting(name, log):
+  saved = dict(_running)
+  _running.update(name=name, log=log)
+  try:
+    yield
+  finally:
+    _running.update(saved)
+
+
+def _print(text):
+  print(text, flush=True)
+
+
+def _duration(seconds):
+  """'HH:MM:SS', with 'Nd ' in front past a day (as the training log's ETA)."""
+  days, rest = divmod(int(round(seconds)), 86400)
+  text = time.strftime("%H:%M:%S", time.gmtime(rest))
+  return f"{days}d {text}" if days else text
+
+
+class Progress:
+  """Progress of a long eval loop: `update(n)` after every n images done.
+
+  Logs `eval NAME: WHAT k/N img/s R ETA HH:MM:SS` (as the training log's lines; just
+  `WHAT k img/s R` when the total is unknown) when `every` seconds (PROGRESS_EVERY_S)
+  passed since the loop's start or its last line, so quick loops log nothing; only on
+  process 0 (every process runs the same loop). img/s is measured from the first update
+  on, leaving out the first batch (which compiles): `img/s ? ETA ?` until a second one.
+  """
+
+  def __init__(self, what, total=None, *, every=None, log=None, clock=None, is_main=None):
+    self.what, self.total = what, (int(total) if total else None)
+    self.every = PROGRESS_EVERY_S if every is None else float(every)
+    self.name = _running["name"] or ""
+    self.log = log or _running["log"] or _print
+    self.is_main = jax.process_index() == 0 if is_main is None else bool(is_main)
+    self.clock = clock or _clock
+    self.done = 0
+    self._start = self._last = self.clock()
+    self._first = None  # (time, done) at the first update: the rate is measured from it.
+
+  def update(self, n):
+    """Counts n more images done; logs a line when `every` seconds passed since the last."""
+    self.done += int(n)
+    now = self.clock()
+    if self._first is None:
+      self._first = (now, self.done)
+    if now - self._last < self.every:
+      return
+    self._last = now
+    if self.is_main:
+      self.log(self.line(now))
+
+  def rate(self, now):
+    """Images per second since the first update; None before any images after it."""
+    if self._first is None or self.done <= self._first[1] or now <= self._first[0]:
+      return None
+    return (self.done - self._first[1]) / (now - self._first[0])
+
+  def line(self, now):
+    rate = self.rate(now)
+    text = f"eval {self.name}: " if self.name else "eval: "
+    text += f"{self.what} {self.done}"
+    if self.total:
+      text += f"/{self.total}"
+    text += f" img/s {rate:.1f}" if rate else " img/s ?"
+    if self.total:
+      text += f" ETA {_duration(max(self.total - self.done, 0) / rate) if rate else '?'}"
+    return text
 
 
 @dataclasses.dataclass
@@ -90,8 +172,10 @@ def run_due(scheduled, step, total_steps, state, writer, log, force=False):
     if not due:
       continue
     params = state["ema_params"] if s.use_ema and "ema_params" in state else state["params"]
+    log(f"eval {s.name} at step {step}: started")
     start = time.time()
-    results = {f"{s.name}/{k}": v for k, v in s.evaluator.run(params, step)}
+    with _reporting(s.name, log):
+      results = {f"{s.name}/{k}": v for k, v in s.evaluator.run(params, step)}
     results[f"{s.name}/seconds"] = time.time() - start
     writer.write(step, results)
     everything.update(results)
@@ -126,14 +210,24 @@ def device_multiple(context, batch_size):
   return -(-int(batch_size) // n) * n
 
 
-def iterate(context, input_config, max_examples=None):
-  """Yields global eval batches (padded, with input_pipeline.MASK_KEY) until done."""
-  ds, _ = input_pipeline.evaluation(ml_collections.ConfigDict(input_config))
+def iterate(context, input_config, max_examples=None, what=None):
+  """Yields global eval batches (padded, with input_pipeline.MASK_KEY) until done.
+
+  Reports its progress (`what`: the split unless given) against the split's size, or
+  max_examples when fewer.
+  """
+  ds, total = input_pipeline.evaluation(ml_collections.ConfigDict(input_config))
+  if max_examples:
+    total = min(total, max_examples) if total else max_examples
+  data = input_config["data"]
+  progress = Progress(what or f"{data['name']} {data['split']}", total)
   seen = 0
   for batch in input_pipeline.start_global(ds, context.data_sharding, n_prefetch=0):
     yield batch
     # Every process's rows: the mask is a global array, not fetchable whole on one host.
-    seen += int(gather(batch[input_pipeline.MASK_KEY]).sum())
+    n = int(gather(batch[input_pipeline.MASK_KEY]).sum())
+    seen += n
+    progress.update(min(n, total - progress.done) if total else n)
     if max_examples and seen >= max_examples:
       return
 
@@ -152,10 +246,10 @@ def on_every_process(flag):
   return bool(flag)
 
 
-def collect(context, input_config, fn, max_examples=None):
+def collect(context, input_config, fn, max_examples=None, what=None):
   """Runs fn(batch) -> dict of [B, ...] arrays over eval data; returns numpy, unpadded."""
   parts = {}
-  for batch in iterate(context, input_config, max_examples):
+  for batch in iterate(context, input_config, max_examples, what):
     out = fn(batch)
     valid = gather(batch[input_pipeline.MASK_KEY]).astype(bool)
     for k, v in out.items():

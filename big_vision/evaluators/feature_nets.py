@@ -11,6 +11,8 @@ from typing import Callable
 
 import numpy as np
 
+from big_vision.evaluators import common
+
 KINDS = ("inception", "fmnist_classifier")
 
 
@@ -26,10 +28,12 @@ class FeatureNet:
 
   def __call__(self, images, batch_size=250):
     feats, probs = [], []
+    progress = common.Progress(f"{self.name} features", len(images))
     for i in range(0, len(images), batch_size):
       f, p = self.fn(images[i:i + batch_size])
       feats.append(np.asarray(f, np.float64))
       probs.append(np.asarray(p, np.float64))
+      progress.update(len(f))
     return np.concatenate(feats), np.concatenate(probs)
 
 

@@ -56,7 +56,8 @@ class Evaluator:
     def fn(batch):
       key = jax.random.fold_in(jax.random.PRNGKey(0), next(counter))
       return {"x": self._featurize(params, batch["image"], key), "y": batch["label"]}
-    out = common.collect(self.context, input_cfg, fn)
+    out = common.collect(self.context, input_cfg, fn,
+                         what=f"{self.features} features of {input_cfg['data']['split']}")
     return out["x"], out["y"]
 
   def run(self, params, step):

@@ -40,7 +40,7 @@ class Scorer:
 
   def real_images(self, input_cfg, max_examples):
     return common.collect(self.context, input_cfg, lambda b: {"x": b["image"]},
-                          max_examples)["x"]
+                          max_examples, what=f"real images {input_cfg['data']['split']}")["x"]
 
   def cache_key(self):
     """Fields that identify the reference statistics (see fid_math.cache_path)."""

@@ -91,7 +91,9 @@ class Evaluator:
   def run(self, params, step):
     parts = {"mse": [], "onestep_mse": [], "inpainted": []}
     grid = None
-    for i, batch in enumerate(common.iterate(self.context, self.input_cfg, self.max_examples)):
+    batches = common.iterate(self.context, self.input_cfg, self.max_examples,
+                             what=f"inpainting {self.input_cfg['data']['split']}")
+    for i, batch in enumerate(batches):
       out = self._run_batch(params, batch["image"], jax.random.PRNGKey(i))
       valid = common.gather(batch[input_pipeline.MASK_KEY]).astype(bool)
       for k in parts:

@@ -71,6 +71,8 @@ class Evaluator:
   def samples(self, params, scale=None, conditional=False):
     """num_samples images in [-1, 1]; labels cycle through the classes when conditional."""
     out = []
+    tag = "uncond" if not conditional else "cond" if scale is None else f"cfg{scale:g}"
+    progress = common.Progress(f"samples {tag}", self.num_samples)
     for i in range(-(-self.num_samples // self.batch_size)):
       rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), i)
       labels = None
@@ -80,6 +82,7 @@ class Evaluator:
                              else np.full_like(ids, self.num_classes), jnp.int32)
       out.append(np.asarray(jax.device_get(self._generate(params, rng, labels,
                                                           scale if conditional else None))))
+      progress.update(min(self.batch_size, self.num_samples - i * self.batch_size))
     return np.clip(np.concatenate(out)[:self.num_samples], -1.0, 1.0)
 
   def _grid(self, images, step, tag):
