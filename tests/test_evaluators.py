@@ -1,6 +1,8 @@
 """Evaluators on tiny models and data, the probe's math on synthetic features, eval_only."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,8 @@ from big_vision.evaluators import common
 from big_vision.evaluators import linear_probe
 from big_vision.models import ae
 from big_vision.tools import eval_only
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_probe_separable_features_near_perfect():
@@ -237,3 +241,34 @@ def test_inpainting_keeps_visible_pixels(data_dir, tmp_path):
                                 split="test[:16]").run(params, 2))
   assert set(r) == {"masked_mse", "masked_psnr", "onestep_masked_mse", "onestep_masked_psnr"}
   assert os.path.exists(tmp_path / "images" / "inpainting_0000002.png")
+
+
+_SHARDED_SAMPLING = """
+import sys
+import jax, numpy as np
+from big_vision import sharding
+from big_vision.evaluators import sampling
+from tests.test_evaluators import make_context
+ctx, params = make_context(sys.argv[1], sys.argv[2], "variant=Mu/4,use_labels=True")
+one = sharding.make_mesh(jax.devices()[:1])
+ctx1 = ctx.__class__(**dict(vars(ctx), mesh=one, data_sharding=sharding.batch_sharding(one)))
+kw = dict(num_samples=10, sampling_timesteps=3)
+ev4, ev1 = sampling.Evaluator(ctx, batch_size=6, **kw), sampling.Evaluator(ctx1, batch_size=8, **kw)
+assert (ev4.batch_size, ev1.batch_size) == (8, 8)  # Rounded up to the 4 devices.
+out = ev4._generate(params, jax.random.PRNGKey(0), 0, None, False)
+assert len(out.sharding.device_set) == 4, out.sharding  # Each device samples its share.
+assert {s.data.shape[0] for s in out.addressable_shards} == {2}
+for scale, cond in ((None, False), (2.0, True)):
+  np.testing.assert_allclose(ev4.samples(params, scale, cond), ev1.samples(params, scale, cond),
+                             atol=2e-5)
+print("OK")
+"""
+
+
+def test_sampling_is_split_over_the_devices_and_equals_one_device(data_dir, tmp_path):
+  # Samples on 4 devices, each generating its share of the batch, are the samples of one.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  result = subprocess.run([sys.executable, "-c", _SHARDED_SAMPLING, data_dir, str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

@@ -39,8 +39,10 @@ class Evaluator:
     if eta is None:
       eta = cfg.diffusion.get("eta", 0.0)
     self.context, self.sampler, self.eta = context, sampler, float(eta)
+    # The batch is generated split over every device (of every process): a multiple of them.
     self.num_samples, self.batch_size, self.num_grid, self.seed = (
-        int(num_samples), int(batch_size), int(num_grid), int(seed))
+        int(num_samples), common.device_multiple(context, batch_size), int(num_grid),
+        int(seed))
     self.sampling_timesteps = int(sampling_timesteps or cfg.diffusion.sampling_timesteps)
     self.clip_x0 = bool(cfg.diffusion.get("clip_x0", True))
     self.num_classes = int(cfg.model.get("num_classes") or 0)
@@ -61,12 +63,23 @@ class Evaluator:
     sample = {"ddim": functools.partial(diffusion_lib.ddim_sample, eta=self.eta),
               "ddpm": diffusion_lib.ddpm_sample}[sampler]
 
-    def generate(params, rng, labels, scale):
-      return sample(objective.model_eps_fn(model, params), diffusion, shape, rng,
+    split = functools.partial(jax.lax.with_sharding_constraint,
+                              shardings=context.data_sharding)
+
+    def generate(params, rng, first_id, scale, conditional):
+      # The starting noise and labels split over the devices: each computes its share.
+      x_T = split(jax.random.normal(jax.random.split(rng)[0], shape, jnp.float32))
+      labels = None
+      if self.num_classes:
+        ids = first_id + jnp.arange(self.batch_size)
+        labels = split(ids % self.num_classes if conditional
+                       else jnp.full_like(ids, self.num_classes))
+      return sample(objective.model_eps_fn(model, params), diffusion, shape, rng, x_T=x_T,
                     sampling_timesteps=self.sampling_timesteps, clip_x0=self.clip_x0,
                     labels=labels, guidance_scale=scale,
                     null_label=self.num_classes if self.num_classes else None)
-    self._generate = jax.jit(generate, static_argnames=("scale",))
+    self._generate = jax.jit(generate, static_argnames=("scale", "conditional"),
+                             out_shardings=context.data_sharding)
 
   def samples(self, params, scale=None, conditional=False):
     """num_samples images in [-1, 1]; labels cycle through the classes when conditional."""
@@ -75,13 +88,9 @@ class Evaluator:
     progress = common.Progress(f"samples {tag}", self.num_samples)
     for i in range(-(-self.num_samples // self.batch_size)):
       rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), i)
-      labels = None
-      if self.num_classes:
-        ids = np.arange(i * self.batch_size, (i + 1) * self.batch_size)
-        labels = jnp.asarray(ids % self.num_classes if conditional
-                             else np.full_like(ids, self.num_classes), jnp.int32)
-      out.append(np.asarray(jax.device_get(self._generate(params, rng, labels,
-                                                          scale if conditional else None))))
+      out.append(common.gather(self._generate(params, rng, i * self.batch_size,
+                                              scale if conditional else None,
+                                              conditional and bool(self.num_classes))))
       progress.update(min(self.batch_size, self.num_samples - i * self.batch_size))
     return np.clip(np.concatenate(out)[:self.num_samples], -1.0, 1.0)
 
