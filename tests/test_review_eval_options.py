@@ -61,3 +61,9 @@ def test_concurrent_writers_of_the_same_statistics_file(tmp_path):
     t.join()
   assert not errors, errors[:3]
   assert os.listdir(tmp_path) == ["stats.npz"]  # No temporary files left behind.
+
+
+def test_floor_split_already_sliced_stays_valid():
+  from big_vision.evaluators import sampling  # pylint: disable=g-import-not-at-top
+  assert sampling._first("train", 500) == "train[:500]"
+  assert sampling._first("train[:1000]", 500) == "train[:1000]"  # Not "train[:1000][:500]".

@@ -55,7 +55,7 @@ class Evaluator:
                                                          reference_split),
           max_reference, cache_dir)
     self.floor_cfg = common.eval_input_config(context, data, pp, real_batch,
-                                              f"{floor_split}[:{self.num_samples}]")
+                                              _first(floor_split, self.num_samples))
     self._floor = None
     model, diffusion = context.model, context.diffusion
     h, w = model.image_size
@@ -119,3 +119,9 @@ class Evaluator:
                                                                  self.num_samples))
       for k, v in self._floor.items():
         yield f"{k}_real_floor", v
+
+
+def _first(split, n):
+  """The first n examples of a split ("train" -> "train[:n]"); a split that is already a
+  slice ("train[:1000]") stays as given, and real_images stops after n of it."""
+  return split if "[" in split else f"{split}[:{n}]"
