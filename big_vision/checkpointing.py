@@ -10,12 +10,11 @@ from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
+from big_vision import fileio
 
-def _absolute(path):
-  """A local path made absolute; URLs such as gs://bucket/run stay as they are (os.path
-  would turn them into a local ./gs:/bucket/run)."""
-  path = os.fspath(path)
-  return path.rstrip("/") if "://" in path else os.path.abspath(path)
+
+# A local path made absolute; URLs such as gs://bucket/run stay as they are (orbax takes them).
+_absolute = fileio.absolute
 
 
 class Checkpointer:

@@ -1,25 +1,37 @@
 """Where training metrics go: metrics.jsonl, wandb (offline unless asked) and the log."""
 import json
 import os
+import re
 import time
+
+from big_vision import fileio
 
 
 class MetricWriter:
-  """Appends one JSON object per logged step; mirrors to wandb on the main process."""
+  """Appends one JSON object per logged step; mirrors to wandb on the main process.
+
+  A remote workdir (gs://...) cannot be appended to: its records are kept here and the
+  whole (small) metrics.jsonl is rewritten at each write.
+  """
 
   def __init__(self, workdir, config, is_main=True, resume_step=None):
     self.is_main = is_main
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._wandb = None
+    self._lines = None  # The remote file's lines; None for a local file (appended to).
     if not is_main:
       return
+    if fileio.is_remote(workdir):
+      self._lines = (fileio.read_text(self.path).splitlines(keepends=True)
+                     if fileio.exists(self.path) else [])
     if resume_step is not None:
       self._drop_after(resume_step)
     mode = config.get("wandb", {}).get("mode", "offline")
     if mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
       import wandb  # pylint: disable=g-import-not-at-top
       self._wandb = wandb.init(
-          mode=mode, dir=workdir, project=config.wandb.get("project", "masked-diffusion-ae"),
+          mode=mode, dir=_wandb_dir(workdir),
+          project=config.wandb.get("project", "masked-diffusion-ae"),
           config=config.to_dict(), resume="allow",
           id=config.wandb.get("id") or _run_id(workdir))
 
@@ -27,18 +39,26 @@ class MetricWriter:
     if not self.is_main:
       return
     record = {"step": int(step), **{k: _py(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    line = json.dumps(record) + "\n"
+    if self._lines is None:
+      with open(self.path, "a") as f:
+        f.write(line)
+    else:
+      self._lines.append(line)
+      fileio.write_text(self.path, "".join(self._lines))
     if self._wandb is not None:
       self._wandb.log(record, step=int(step))
 
   def _drop_after(self, step):
     """Forgets the records of steps after `step`: a run resumed from that checkpoint logs
     them again, and the interrupted run's ones belong to a discarded history."""
-    if not os.path.exists(self.path):
+    if self._lines is not None:
+      lines = self._lines
+    elif not os.path.exists(self.path):
       return
-    with open(self.path) as f:
-      lines = f.readlines()
+    else:
+      with open(self.path) as f:
+        lines = f.readlines()
     kept = []
     for line in lines:
       try:
@@ -47,7 +67,12 @@ class MetricWriter:
       except (ValueError, KeyError, TypeError):
         pass  # Not ours to judge: keep it.
       kept.append(line)
-    if len(kept) != len(lines):
+    if len(kept) == len(lines):
+      return
+    if self._lines is not None:  # An object is replaced whole anyway.
+      self._lines = kept
+      fileio.write_text(self.path, "".join(kept))
+    else:
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
         f.writelines(kept)
@@ -70,13 +95,23 @@ def _py(value):
 def _run_id(workdir):
   """A stable wandb id per workdir, so a resumed run continues the same wandb run."""
   path = os.path.join(workdir, "wandb_id.txt")
-  if os.path.exists(path):
-    with open(path) as f:
-      return f.read().strip()
+  if fileio.exists(path):
+    return fileio.read_text(path).strip()
   run_id = f"run-{int(time.time())}"
-  with open(path, "w") as f:
-    f.write(run_id)
+  fileio.write_text(path, run_id)
   return run_id
+
+
+def _wandb_dir(workdir):
+  """The workdir, or for a remote one (wandb writes local files only) a local folder named
+  after it under ~/.cache/big_vision/wandb, where `wandb sync` finds offline runs later."""
+  if not fileio.is_remote(workdir):
+    return workdir
+  name = re.sub(r"[^A-Za-z0-9._-]+", "_", fileio.absolute(workdir))
+  path = os.path.join(os.path.expanduser("~"), ".cache", "big_vision", "wandb", name)
+  os.makedirs(path, exist_ok=True)
+  log(f"wandb files of {workdir} go to the local {path}")
+  return path
 
 
 class Progress:
@@ -105,7 +140,7 @@ class Progress:
     eta = "?"
     if rate:
       seconds = (self.total_steps - step) * self.batch_size / rate
-      eta = _duration(seconds)
+      eta = duration(seconds)
     img_s = f"{rate:.1f}" if rate else "(compiling)"
     text = f"step {step}/{self.total_steps} loss {metrics['loss']:.4f}"
     for key in ("loss_clean", "loss_noised"):
@@ -114,7 +149,7 @@ class Progress:
     return text + f" lr {metrics['lr']:.2e} img/s {img_s} ETA {eta}"
 
 
-def _duration(seconds):
+def duration(seconds):
   """'HH:MM:SS', with 'Nd ' in front past a day (time.strftime would wrap at 24 h)."""
   days, rest = divmod(int(round(seconds)), 86400)
   text = time.strftime("%H:%M:%S", time.gmtime(rest))

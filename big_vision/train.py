@@ -20,6 +20,7 @@ from big_vision import checkpointing
 from big_vision import config_cli
 from big_vision import diffusion as diffusion_lib
 from big_vision import distributed
+from big_vision import fileio
 from big_vision import host_allocator
 from big_vision import input_pipeline
 from big_vision import methods
@@ -55,14 +56,14 @@ def check_trainable(config):
 
 
 def save_config(config, workdir):
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  fileio.write_text(os.path.join(workdir, "config.json"),
+                    config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def train(config, workdir):
   """Runs (or resumes) one training run in `workdir`. Returns (state, last metrics)."""
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)  # A local folder or a URL (gs://bucket/run), see fileio.py.
   if is_main:
     save_config(config, workdir)
   log = metric_writer.log if is_main else (lambda *_: None)
@@ -162,7 +163,7 @@ def train(config, workdir):
       return
     path = os.path.join(workdir, "images", f"reconstruction_{step:07d}.png")
     visualize.image_grid(rows, path, row_names=names)
-    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    if fileio.exists(os.path.join(workdir, "metrics.jsonl")):
       visualize.loss_curve(os.path.join(workdir, "metrics.jsonl"),
                            os.path.join(workdir, "loss_curve.png"))
 

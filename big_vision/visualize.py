@@ -1,4 +1,5 @@
-"""Pictures of a run: PNG grids of images and the loss curve."""
+"""Pictures of a run: PNG grids of images and the loss curve, to a local path or a URL."""
+import io
 import json
 import os
 
@@ -8,6 +9,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
+
+from big_vision import fileio
 
 
 def to_uint8(images):
@@ -44,14 +47,21 @@ def image_grid(rows, path, row_names=None, scale=None, pad=2):
       y = (pad + i * (h + pad) + h // 2) * scale - 5
       draw.text((4, y), name, fill="black")
     image = labelled
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  image.save(path)
+  _write_png(path, image.save)
   return path
 
 
+def _write_png(path, save):
+  """save(file, format="png") into memory, then to path (gs:// has no local file to open)."""
+  buffer = io.BytesIO()
+  save(buffer, format="png")
+  fileio.makedirs(os.path.dirname(fileio.absolute(path)))
+  fileio.write_bytes(path, buffer.getvalue())
+
+
 def read_metrics(jsonl_path):
-  with open(jsonl_path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in fileio.read_text(jsonl_path).splitlines()
+          if line.strip()]
 
 
 def loss_curve(jsonl_path, png_path, keys=("loss", "loss_clean", "loss_noised")):
@@ -69,6 +79,6 @@ def loss_curve(jsonl_path, png_path, keys=("loss", "loss_clean", "loss_noised"))
   ax.grid(True, alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(png_path)
+  _write_png(png_path, fig.savefig)
   plt.close(fig)
   return png_path

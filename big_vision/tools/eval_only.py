@@ -27,6 +27,7 @@ import ml_collections
 from big_vision import checkpointing
 from big_vision import config_cli
 from big_vision import diffusion as diffusion_lib
+from big_vision import fileio
 from big_vision import host_allocator
 from big_vision import methods
 from big_vision import metric_writer
@@ -46,8 +47,8 @@ _UNSET = "<unset>"
 
 def run_config_path(workdir, checkpoint=None):
   """DIR/config.json of the run that wrote the checkpoint (a workdir, its checkpoints/
-  folder or one step's folder, as checkpointing.load_params takes)."""
-  path = os.path.abspath(checkpoint or workdir)
+  folder or one step's folder, as checkpointing.load_params takes; local or gs://...)."""
+  path = fileio.absolute(checkpoint or workdir)
   if os.path.basename(path).isdigit():
     path = os.path.dirname(path)
   if os.path.basename(path) == "checkpoints":
@@ -56,8 +57,7 @@ def run_config_path(workdir, checkpoint=None):
 
 
 def load_run_config(path):
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(fileio.read_text(path)))
 
 
 def _flat(config):
@@ -109,7 +109,7 @@ def resolve_config(config, workdir, checkpoint=None):
   """The config to evaluate with: config checked against the run's saved one, or (None)
   the saved one. Raises ConfigError on a mismatch or when there is neither."""
   path = run_config_path(workdir, checkpoint)
-  saved = load_run_config(path) if os.path.exists(path) else None
+  saved = load_run_config(path) if fileio.exists(path) else None
   if config is None:
     if saved is None:
       raise ConfigError(f"no --config and no {path} to take the run's config from; "
