@@ -151,7 +151,8 @@ def test_sampling_and_feature_net_loops_report(monkeypatch):
   monkeypatch.setattr(common, "_running", {"name": "gen", "log": lines.append})
   monkeypatch.setattr(jax, "process_index", lambda: 0)
 
-  def generate(params, rng, labels, scale):
+  def generate(params, rng, first_id, scale, conditional):
+    del params, rng, first_id, scale, conditional
     clock.now += 2
     return np.zeros((10, 2, 2, 1))
   ev = object.__new__(sampling.Evaluator)

@@ -36,3 +36,19 @@ def test_indivisible_eval_batch_size_is_one_clear_error(data_dir, tmp_path):
   with pytest.raises(ConfigError, match="batch_size=100 is not divisible by the 8 devices"):
     common.eval_input_config(ctx, batch_size=100, split="test")
   assert common.eval_input_config(ctx, batch_size=64, split="test")["batch_size"] == 64
+
+
+def test_iterate_counts_exactly_max_examples(monkeypatch):
+  # 3 batches of 4 with max_examples=6: the second batch's last two rows become padding,
+  # so the means of diffusion_loss and reconstruction are over exactly 6 images.
+  from big_vision import input_pipeline  # pylint: disable=g-import-not-at-top
+  batch = lambda: {"image": np.arange(4.0), input_pipeline.MASK_KEY: np.ones(4, bool)}
+  monkeypatch.setattr(input_pipeline, "evaluation", lambda cfg: ("ds", 12))
+  monkeypatch.setattr(input_pipeline, "start_global",
+                      lambda ds, sharding, n_prefetch: iter([batch() for _ in range(3)]))
+  context = types.SimpleNamespace(data_sharding=None)
+  cfg = dict(data=dict(name="fmnist", split="test"), pp="", batch_size=4)
+  masks = [np.asarray(b[input_pipeline.MASK_KEY]) for b in common.iterate(context, cfg, 6)]
+  np.testing.assert_array_equal(np.concatenate(masks), [1, 1, 1, 1, 1, 1, 0, 0])
+  got = common.collect(context, cfg, lambda b: {"x": b["image"]}, 6)["x"]
+  np.testing.assert_array_equal(got, [0, 1, 2, 3, 0, 1])

@@ -21,11 +21,13 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
 from big_vision import input_pipeline
+from big_vision import metric_writer
 from big_vision.config_parsing import ConfigError
 
 TYPES = ("fewshot", "diffusion_loss", "reconstruction", "sampling", "inpainting")
@@ -50,13 +52,6 @@ def _reporting(name, log):
 
 def _print(text):
   print(text, flush=True)
-
-
-def _duration(seconds):
-  """'HH:MM:SS', with 'Nd ' in front past a day (as the training log's ETA)."""
-  days, rest = divmod(int(round(seconds)), 86400)
-  text = time.strftime("%H:%M:%S", time.gmtime(rest))
-  return f"{days}d {text}" if days else text
 
 
 class Progress:
@@ -106,7 +101,8 @@ class Progress:
       text += f"/{self.total}"
     text += f" img/s {rate:.1f}" if rate else " img/s ?"
     if self.total:
-      text += f" ETA {_duration(max(self.total - self.done, 0) / rate) if rate else '?'}"
+      left = metric_writer.duration(max(self.total - self.done, 0) / rate) if rate else "?"
+      text += f" ETA {left}"
     return text
 
 
@@ -223,13 +219,24 @@ def iterate(context, input_config, max_examples=None, what=None):
   progress = Progress(what or f"{data['name']} {data['split']}", total)
   seen = 0
   for batch in input_pipeline.start_global(ds, context.data_sharding, n_prefetch=0):
-    yield batch
     # Every process's rows: the mask is a global array, not fetchable whole on one host.
     n = int(gather(batch[input_pipeline.MASK_KEY]).sum())
+    if max_examples and seen + n > max_examples:  # Rows past max_examples count as padding.
+      n = max_examples - seen
+      batch = dict(batch, **{input_pipeline.MASK_KEY: _keep_first(
+          batch[input_pipeline.MASK_KEY], n)})
+    yield batch
     seen += n
-    progress.update(min(n, total - progress.done) if total else n)
+    progress.update(n)
     if max_examples and seen >= max_examples:
       return
+
+
+@jax.jit
+def _keep_first(mask, n):
+  """The mask with only its first n True rows left True (in the global batch's order)."""
+  valid = mask.astype(jnp.int32)
+  return (valid * (jnp.cumsum(valid) <= n)).astype(mask.dtype)
 
 
 def gather(x):
@@ -254,7 +261,4 @@ def collect(context, input_config, fn, max_examples=None, what=None):
     valid = gather(batch[input_pipeline.MASK_KEY]).astype(bool)
     for k, v in out.items():
       parts.setdefault(k, []).append(gather(v)[valid])
-  result = {k: np.concatenate(v) for k, v in parts.items()}
-  if max_examples:
-    result = {k: v[:max_examples] for k, v in result.items()}
-  return result
+  return {k: np.concatenate(v) for k, v in parts.items()}
