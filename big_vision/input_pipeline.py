@@ -37,6 +37,7 @@ import threading
 from typing import Any, Iterable, Iterator, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -59,6 +60,18 @@ def get_dataset_builder(name: str, data_dir: str | None = None,
   """
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
   if datasets.base_name(name) in datasets.BUILDERS:
+    if jax.process_count() == 1:
+      return datasets.prepare(name, data_dir, **builder_kwargs)
+    # Process 0 first, the others after it: on a shared data_dir they then find it
+    # prepared (at once, they would write the same files together); on a host-local one
+    # each prepares its own.
+    if jax.process_index() == 0:
+      try:
+        builder = datasets.prepare(name, data_dir, **builder_kwargs)
+      finally:  # Failing too: the others must not wait for it forever.
+        multihost_utils.sync_global_devices(f"prepared {name}")
+      return builder
+    multihost_utils.sync_global_devices(f"prepared {name}")
     return datasets.prepare(name, data_dir, **builder_kwargs)
   try:
     builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)

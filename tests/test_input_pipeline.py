@@ -368,3 +368,27 @@ def test_imagenet_pipeline_on_mock_data(tmp_path, skip_decode):
     assert -1 <= b["image"].min() < b["image"].max() <= 1
     assert b["label"].dtype == np.int64
     assert ((0 <= b["label"]) & (b["label"] < 1000)).all()
+
+
+@pytest.mark.parametrize("index,fails", [(0, False), (1, False), (0, True)])
+def test_several_processes_prepare_our_dataset_process_zero_first(monkeypatch, index, fails):
+  # On a shared data_dir the others must find it prepared, not write the same files at
+  # once; a failing process 0 still reaches the barrier, so nobody waits forever.
+  calls = []
+
+  def prepare(name, data_dir, **kw):
+    calls.append("prepare")
+    if fails:
+      raise FileNotFoundError("no IDX files")
+    return "builder"
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: index)
+  monkeypatch.setattr(input_pipeline.datasets, "prepare", prepare)
+  monkeypatch.setattr(input_pipeline.multihost_utils, "sync_global_devices",
+                      lambda name: calls.append("barrier"))
+  if fails:
+    with pytest.raises(FileNotFoundError):
+      input_pipeline.get_dataset_builder("fashion_mnist_local", "/data")
+  else:
+    assert input_pipeline.get_dataset_builder("fashion_mnist_local", "/data") == "builder"
+  assert calls == (["prepare", "barrier"] if index == 0 else ["barrier", "prepare"])

@@ -341,3 +341,12 @@ def test_onehot():
   np.testing.assert_array_equal(out["label"], [1, 0, 1, 0, 0])
   out = run("onehot(3)", {"label": np.zeros([0], np.int64)})
   np.testing.assert_array_equal(out["label"], [0, 0, 0])
+
+
+@pytest.mark.parametrize("spec", ["resize(8, method='bilinnear')",
+                                  "resize_small(8, method='cubic')",
+                                  "inception_crop(8, method='lanczos')"])
+def test_unknown_resize_method_is_clear_when_the_op_is_built(spec):
+  # Not deep inside tf.data at the first batch: the op's constructor names the method.
+  with pytest.raises(ValueError, match=r"method='\w+' is not a resize method; known: bilinear"):
+    get_preprocess_fn(spec)

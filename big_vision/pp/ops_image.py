@@ -47,6 +47,17 @@ def _cast_like(image: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
   return tf.cast(image, dtype)
 
 
+_RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5",
+                   "gaussian", "mitchellcubic")
+
+
+def _check_method(method, op):
+  """tf.image.resize would reject a bad method only inside tf.data, deep in a traceback."""
+  if method not in _RESIZE_METHODS:
+    raise ValueError(f"{op}: method={method!r} is not a resize method; known: "
+                     f"{', '.join(_RESIZE_METHODS)}")
+
+
 def _resize(image, hw, method, antialias):
   resized = tf.image.resize(image, hw, method=method, antialias=antialias)
   return _cast_like(resized, image.dtype)
@@ -70,6 +81,7 @@ def get_decode(channels=3, key="image"):
 def get_resize(size, method="bilinear", antialias=False, key="image"):
   """Resizes to `size` (int for square, or (height, width)); keeps dtype."""
   hw = _hw(size, "resize")
+  _check_method(method, "resize")
   return _image_op("resize", key,
                    lambda image: _resize(image, hw, method, antialias))
 
@@ -79,6 +91,7 @@ def get_resize_small(size, method="area", antialias=False, key="image"):
   """Resizes so that the shorter side is `size`, keeping the aspect ratio."""
   if not isinstance(size, int) or size <= 0:
     raise ValueError(f"resize_small: size={size!r} must be a positive int.")
+  _check_method(method, "resize_small")
 
   def _resize_small(image):
     h, w = tf.shape(image)[0], tf.shape(image)[1]
@@ -135,6 +148,7 @@ def get_inception_crop(size=None, area_min=5, area_max=100, ratio_min=3 / 4,
                        key="image"):
   """Inception-style random crop; areas are percent of the image."""
   _check_area(area_min, area_max, "inception_crop")
+  _check_method(method, "inception_crop")
   if size is not None:
     _hw(size, "inception_crop")  # Validate early.
   return lambda data: _inception_crop(

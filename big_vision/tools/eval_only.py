@@ -143,7 +143,8 @@ def evaluate(config, workdir, checkpoint=None):
     raise SystemExit("config.evals is empty: nothing to evaluate")
   writer = metric_writer.MetricWriter(workdir, config, is_main=jax.process_index() == 0)
   try:
-    return eval_common.run_due(evals, step, step, state, writer, metric_writer.log, force=True)
+    log = metric_writer.log if jax.process_index() == 0 else (lambda *_: None)  # One copy.
+    return eval_common.run_due(evals, step, step, state, writer, log, force=True)
   finally:
     writer.close()
 
