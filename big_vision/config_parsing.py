@@ -7,10 +7,16 @@ Mistakes fail here, in one line, naming the option and what is allowed.
 import ast
 
 import ml_collections
+import numpy as np
 
 
 class ConfigError(ValueError):
   """A config string or config value that cannot be used; the message says why."""
+
+
+def is_int(value):
+  """An int (numpy's too) and not a bool, which Python counts as an int."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def split_top_level(text, sep=","):

@@ -17,12 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_vision import config_parsing
+
 SCHEDULES = ("cosine", "linear", "quadratic")
 
 
 def check_count(name, value, upper=None):
   """Positive int (numpy ints too; no bools or floats) not above `upper`."""
-  ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+  ok = config_parsing.is_int(value) and value >= 1
   if ok and upper is not None:
     ok = value <= upper
   if not ok:

@@ -89,7 +89,7 @@ def check_diffusion(config):
 
 
 def _check_positive_int(name, value):
-  if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
+  if not (config_parsing.is_int(value) and value >= 1):
     raise config_parsing.ConfigError(f"{name}={value!r} must be an int >= 1")
 
 

@@ -4,8 +4,8 @@ Shared by the trainer's PNG grids and the reconstruction evaluator.
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from big_vision import config_parsing
 from big_vision.models import masking as masking_lib
 
 
@@ -26,7 +26,7 @@ def reconstruct(apply_fn, params, images, rng, *, mask_ratio, grid, patch_size, 
     if diffusion is None:
       raise ValueError(f"t={t!r} needs the diffusion (diffusion=None) to noise the images")
     n = diffusion.num_timesteps
-    if not (isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < n):
+    if not (config_parsing.is_int(t) and 0 <= t < n):
       raise ValueError(f"t={t!r} must be None (clean) or an int in [0, {n}) (0-based step)")
   b = images.shape[0]
   rng_mask, rng_noise = jax.random.split(rng)

@@ -1,7 +1,6 @@
 """Tests for big_vision/datasets: fashion_mnist_local and image_folder_local."""
 import gzip
 import os
-import shutil
 import struct
 
 import numpy as np

@@ -8,6 +8,7 @@ testable on synthetic features.
 import numpy as np
 
 from big_vision.config_parsing import ConfigError
+from big_vision.config_parsing import is_int
 
 L2_GRID = tuple(2.0 ** np.arange(-10, 21, 2))
 
@@ -54,7 +55,7 @@ def check_options(shots, seeds, holdout_per_class):
   holdout_per_class are ints >= 1: without them the probe reports nan, or a ridge strength
   chosen on no examples at all."""
   def is_count(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+    return is_int(v) and v >= 1
   shots = tuple(shots) if isinstance(shots, (list, tuple)) else shots
   if not isinstance(shots, tuple) or not shots or not all(is_count(k) for k in shots):
     raise ConfigError(f"few-shot probe: shots={shots!r} must be a non-empty list of ints >= 1")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vision.config_parsing import ConfigError
+from big_vision.config_parsing import is_int
 from big_vision.models import conditioning
 from big_vision.models import masking as masking_lib
 
@@ -437,10 +438,6 @@ MODEL_OPTIONS = ("variant", "image_size", "channels", "num_cls_tokens", "adaln",
                  "decoder_depth", "decoder_mlp_dim")
 
 
-def _is_int(value):
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _resolve(model_config):
   """Model config (ConfigDict or dict) -> Model constructor kwargs, validated."""
   cfg = dict(model_config)
@@ -456,16 +453,16 @@ def _resolve(model_config):
       cfg.pop(key, None)
   kw.update(cfg)
   size = kw["image_size"]
-  size = (size, size) if _is_int(size) else size
+  size = (size, size) if is_int(size) else size
   if (not isinstance(size, (tuple, list)) or len(size) != 2
-      or not all(_is_int(s) and s >= 1 for s in size)):
+      or not all(is_int(s) and s >= 1 for s in size)):
     raise ConfigError(f"image_size={kw['image_size']!r} must be a positive int or a pair of "
                       "them (height, width)")
   size = tuple(int(s) for s in size)
   kw["image_size"] = size
   for key, lowest in (("channels", 1), ("num_cls_tokens", 0), ("num_classes", 0),
                       ("decoder_width", 1), ("decoder_depth", 0), ("decoder_mlp_dim", 1)):
-    if key in kw and kw[key] is not None and not (_is_int(kw[key]) and kw[key] >= lowest):
+    if key in kw and kw[key] is not None and not (is_int(kw[key]) and kw[key] >= lowest):
       raise ConfigError(f"{key}={kw[key]!r} must be an int >= {lowest}")
   p = kw["patch_size"]
   if len(size) != 2 or size[0] % p or size[1] % p:

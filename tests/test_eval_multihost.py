@@ -25,11 +25,12 @@ SCRIPT = textwrap.dedent("""
                 input_pipeline.MASK_KEY: np.array(m, bool)} for i, m in enumerate(real)]
     input_pipeline.evaluation = lambda cfg: (batches, 5)
     ctx = type("Ctx", (), {"data_sharding": sharding})()
-    everything = common.collect(ctx, {}, lambda b: {"x": b["x"]})["x"]
-    limited = common.collect(ctx, {}, lambda b: {"x": b["x"]}, max_examples=3)["x"]
+    cfg = {"data": {"name": "toy", "split": "test"}}
+    everything = common.collect(ctx, cfg, lambda b: {"x": b["x"]})["x"]
+    limited = common.collect(ctx, cfg, lambda b: {"x": b["x"]}, max_examples=3)["x"]
     total = jax.jit(lambda x, m: jax.numpy.sum(x * m))
     s = sum(float(total(b["x"], b[input_pipeline.MASK_KEY].astype(np.float32)))
-            for b in common.iterate(ctx, {}))
+            for b in common.iterate(ctx, cfg))
     print("RESULT", sorted(everything.tolist()), len(limited), s, flush=True)
 """)
 

@@ -1,8 +1,6 @@
-"""Review checks: LR schedule edges, gradient clipping inside optimizer.make, step resolution."""
-import jax
+"""LR schedule edges, gradient clipping inside optimizer.make, step resolution."""
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import pytest
 
 from big_vision import optimizer

@@ -1,4 +1,4 @@
-"""Review checks: bad model options are one clear ConfigError naming the value."""
+"""Bad model options are one clear ConfigError naming the value."""
 import pytest
 
 from big_vision.config_parsing import ConfigError

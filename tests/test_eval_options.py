@@ -1,4 +1,4 @@
-"""Probe and evaluator options that used to be accepted silently (nan, clamped steps)."""
+"""Probe and evaluator options checked when built (they gave nan or clamped steps)."""
 import os
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Review checks: out-of-range diffusion steps are clear errors, not silently clamped."""
+"""Out-of-range diffusion steps are clear errors, not silently clamped."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""Review fixes: launch with one process, ETA past a day, run lengths that train nothing."""
+"""Run checks: launch with one process, ETA past a day, run lengths that train nothing."""
 import pytest
 
 from big_vision import distributed
