@@ -163,7 +163,7 @@ def _extract(table, t, x):
   n = np.shape(table)[0]
   try:  # JAX would clamp (or wrap) a bad index silently; a traced t cannot be checked.
     tn = np.asarray(t)
-  except jax.errors.TracerArrayConversionError:
+  except (jax.errors.TracerArrayConversionError, RuntimeError):  # Or held by other hosts.
     tn = None
   if tn is not None and tn.size and (tn.min() < 0 or tn.max() >= n):
     bad = tn.min() if tn.min() < 0 else tn.max()

@@ -50,29 +50,23 @@ from big_vision.pp import rng
 MASK_KEY = "_mask"
 
 
-def get_dataset_builder(name: str, data_dir: str | None = None,
+def get_dataset_builder(name: str, data_dir: str | None = None, prepare: bool = True,
                         **builder_kwargs) -> tfds.core.DatasetBuilder:
   """Returns a TFDS builder whose data is ready to read.
 
-  Our own datasets (`big_vision.datasets.BUILDERS`) are prepared on first use.
-  Other TFDS datasets cannot be downloaded here, so they must already be
-  prepared in `data_dir` (default: TFDS_DATA_DIR, else ~/tensorflow_datasets).
+  Our own datasets (`big_vision.datasets.BUILDERS`) are prepared on first use (a
+  collective with several processes: all of them must call it), unless prepare=False,
+  which only checks that the name is known. Other TFDS datasets cannot be downloaded
+  here, so they must already be prepared in `data_dir` (default: TFDS_DATA_DIR, else
+  ~/tensorflow_datasets).
   """
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
   if datasets.base_name(name) in datasets.BUILDERS:
+    if not prepare:
+      return tfds.builder(name, data_dir=data_dir, **builder_kwargs)
     if jax.process_count() == 1:
       return datasets.prepare(name, data_dir, **builder_kwargs)
-    # Process 0 first, the others after it: on a shared data_dir they then find it
-    # prepared (at once, they would write the same files together); on a host-local one
-    # each prepares its own.
-    if jax.process_index() == 0:
-      try:
-        builder = datasets.prepare(name, data_dir, **builder_kwargs)
-      finally:  # Failing too: the others must not wait for it forever.
-        multihost_utils.sync_global_devices(f"prepared {name}")
-      return builder
-    multihost_utils.sync_global_devices(f"prepared {name}")
-    return datasets.prepare(name, data_dir, **builder_kwargs)
+    return _prepare_process_zero_first(name, data_dir, **builder_kwargs)
   try:
     builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
   except tfds.core.DatasetNotFoundError:
@@ -91,6 +85,27 @@ def get_dataset_builder(name: str, data_dir: str | None = None,
         f"prepare it with `tfds build {name} --data_dir={root}` (manual-download"
         f" datasets like imagenet2012 need their archives in {root}/downloads/"
         "manual first), or point data.data_dir / TFDS_DATA_DIR to where it is.")
+  return builder
+
+
+def _prepare_process_zero_first(name, data_dir, **builder_kwargs):
+  """Process 0 prepares, then the others: on a shared data_dir they find it prepared
+  (together they would write the same files at once); on host-local ones each prepares
+  its own. If process 0 fails, every process stops, none waiting or writing."""
+  builder, error = None, None
+  if jax.process_index() == 0:
+    try:
+      builder = datasets.prepare(name, data_dir, **builder_kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+  # Also the barrier: the others start once process 0 is done.
+  ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+  if error is not None:
+    raise error
+  if not ok:
+    raise RuntimeError(f"process 0 could not prepare dataset {name!r} (its log says why)")
+  if builder is None:
+    builder = datasets.prepare(name, data_dir, **builder_kwargs)
   return builder
 
 

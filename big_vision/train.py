@@ -64,8 +64,6 @@ def train(config, workdir):
   """Runs (or resumes) one training run in `workdir`. Returns (state, last metrics)."""
   is_main = jax.process_index() == 0
   fileio.makedirs(workdir)  # A local folder or a URL (gs://bucket/run), see fileio.py.
-  if is_main:
-    save_config(config, workdir)
   log = metric_writer.log if is_main else (lambda *_: None)
 
   # Data: each process reads its own shard and batch_size // process_count per step.
@@ -85,6 +83,8 @@ def train(config, workdir):
           f"was trained with batch_size={seen // resume_step} ({seen} examples seen); "
           "resume with that batch size, or start a new workdir (init_from=... to keep "
           "the parameters)")
+  if is_main:  # Only now: a refused resume leaves the run's own config.json.
+    save_config(config, workdir)
   train_ds, num_train = input_pipeline.training(config.input, seed=config.seed,
                                                 skip_batches=resume_step or 0)
   total_steps = steps_lib.resolve(config, "total", num_train, batch_size)

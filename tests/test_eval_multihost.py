@@ -115,3 +115,18 @@ def test_reference_statistics_cached_on_one_host_only(tmp_path):
     assert p.returncode == 0, err[-3000:]
   for out, _ in outputs:  # Both computed them from the real images of both hosts.
     assert "RESULT True" in out, out
+
+
+def test_an_eval_missing_a_file_on_another_host_is_skipped_on_every_host(data_dir, tmp_path,
+                                                                        monkeypatch):
+  # Its data loops are collective: run by some hosts only, they would wait forever.
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from big_vision.evaluators import common  # pylint: disable=g-import-not-at-top
+  from tests.test_evaluators import make_context  # pylint: disable=g-import-not-at-top
+  ctx, _ = make_context(data_dir, str(tmp_path))
+  config = ml_collections.ConfigDict(dict(evals=dict(val=dict(type="diffusion_loss"))))
+  assert len(common.build(config, ctx, 100, 10)) == 1  # Here, every file is there.
+  monkeypatch.setattr(common, "on_every_process", lambda ok: False)  # Not on another host.
+  said = []
+  assert common.build(config, ctx, 100, 10, log=said.append) == []
+  assert said == ["eval val skipped: a file it needs is missing on another host"]

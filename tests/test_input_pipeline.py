@@ -62,8 +62,8 @@ def make_config(name, split, data_dir, pp, batch_size, **kwargs):
 def simulate_process(monkeypatch, index, count):
   monkeypatch.setattr(jax, "process_index", lambda: index)
   monkeypatch.setattr(jax, "process_count", lambda: count)
-  # No distributed runtime behind the simulated processes: nothing to meet at a barrier.
-  monkeypatch.setattr(input_pipeline.multihost_utils, "sync_global_devices", lambda name: None)
+  # No distributed runtime behind the simulated processes: process 0's word is "done".
+  monkeypatch.setattr(input_pipeline.multihost_utils, "broadcast_one_to_all", lambda x: 1)
 
 
 def take(ds, n):
@@ -371,25 +371,30 @@ def test_imagenet_pipeline_on_mock_data(tmp_path, skip_decode):
     assert ((0 <= b["label"]) & (b["label"] < 1000)).all()
 
 
-@pytest.mark.parametrize("index,fails", [(0, False), (1, False), (0, True)])
+@pytest.mark.parametrize("index,fails", [(0, False), (1, False), (0, True), (1, True)])
 def test_several_processes_prepare_our_dataset_process_zero_first(monkeypatch, index, fails):
   # On a shared data_dir the others must find it prepared, not write the same files at
-  # once; a failing process 0 still reaches the barrier, so nobody waits forever.
+  # once. If process 0 fails, it still reaches the collective and tells the others, who
+  # stop too: none waits forever or starts writing.
   calls = []
 
   def prepare(name, data_dir, **kw):
     calls.append("prepare")
-    if fails:
+    if fails and index == 0:
       raise FileNotFoundError("no IDX files")
     return "builder"
+
+  def broadcast(ok):  # Process 0's value reaches everyone.
+    calls.append("broadcast")
+    return ok if index == 0 else int(not fails)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(jax, "process_index", lambda: index)
   monkeypatch.setattr(input_pipeline.datasets, "prepare", prepare)
-  monkeypatch.setattr(input_pipeline.multihost_utils, "sync_global_devices",
-                      lambda name: calls.append("barrier"))
+  monkeypatch.setattr(input_pipeline.multihost_utils, "broadcast_one_to_all", broadcast)
   if fails:
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises((FileNotFoundError, RuntimeError), match="IDX|process 0 could not"):
       input_pipeline.get_dataset_builder("fashion_mnist_local", "/data")
   else:
     assert input_pipeline.get_dataset_builder("fashion_mnist_local", "/data") == "builder"
-  assert calls == (["prepare", "barrier"] if index == 0 else ["barrier", "prepare"])
+  expected = ["prepare", "broadcast"] if index == 0 else ["broadcast"] + ["prepare"] * (not fails)
+  assert calls == expected

@@ -1,4 +1,6 @@
 """Run checks: launch with one process, ETA past a day, run lengths that train nothing."""
+import json
+
 import pytest
 
 from big_vision import distributed
@@ -80,6 +82,8 @@ def test_resume_rewrites_no_step_twice_and_needs_the_same_batch(data_dir, tmp_pa
                         ckpt_steps=2)
   with pytest.raises(ConfigError, match=r"batch_size=16.*step 2.*batch_size=32"):
     train.train(other, workdir)
+  with open(f"{workdir}/config.json") as f:  # The refused config did not replace the run's.
+    assert json.load(f)["input"]["batch_size"] == 32
 
   train.train(config, workdir)
   # Step 3 of the interrupted run was discarded with it; it is logged once, by the resumed run.

@@ -148,10 +148,15 @@ def build(config, context, num_train, batch_size, log=print):
       every = max(1, int(math.ceil(spec["every_epochs"] * num_train / batch_size)))
     module = importlib.import_module(f"big_vision.evaluators.{kind}")
     options = {k: v for k, v in spec.items() if k not in _FRAMEWORK_KEYS}
+    evaluator, missing = None, None
     try:
       evaluator = module.Evaluator(context, **options)
     except FileNotFoundError as e:
-      log(f"eval {name} skipped: {e}")
+      missing = e
+    # Every process runs the same evals (their data loops are collective): a file missing
+    # on one host skips the eval on all of them.
+    if not on_every_process(missing is None):
+      log(f"eval {name} skipped: {missing or 'a file it needs is missing on another host'}")
       continue
     result.append(Scheduled(name, evaluator, every, spec.get("use_ema", True)))
   return result
@@ -189,7 +194,8 @@ def eval_input_config(context, data=None, pp=None, batch_size=None, split=None):
     data["name"] = cfg.input.data.name
     data.setdefault("data_dir", cfg.input.data.get("data_dir"))
   data["split"] = split or data.get("split") or cfg.get("eval_split", "test")
-  input_pipeline.get_dataset_builder(data["name"], data.get("data_dir"))  # Exists?
+  # Exists? (Not prepared here: that is collective, and evaluators are built per process.)
+  input_pipeline.get_dataset_builder(data["name"], data.get("data_dir"), prepare=False)
   n = context.mesh.devices.size  # Eval batches are sharded over every device.
   if not batch_size:
     batch_size = device_multiple(context, min(cfg.input.batch_size, 256))

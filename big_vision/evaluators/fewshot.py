@@ -10,8 +10,8 @@ on the test split; mean and spread over `seeds` draws of the shots.
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from big_vision.config_parsing import is_int
 from big_vision.evaluators import common
 from big_vision.evaluators import linear_probe
 
@@ -28,9 +28,7 @@ class Evaluator:
       raise ValueError(f"fewshot: unknown features {features!r}; known: {', '.join(FEATURES)}")
     linear_probe.check_options(shots, seeds, holdout_per_class)  # Before any training.
     n = context.diffusion.num_timesteps
-    integral = isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(
-        t, bool) and float(t).is_integer()
-    if features == "noised" and not (integral and 0 <= t < n):
+    if features == "noised" and not (is_int(t) and 0 <= t < n):
       raise ValueError(f"fewshot: t={t!r} must be a diffusion step, an int in [0, {n - 1}]")
     self.context, self.features, self.t = context, features, int(t)
     self.shots, self.seeds, self.holdout = tuple(shots), int(seeds), int(holdout_per_class)

@@ -102,7 +102,7 @@ class Evaluator:
         n = self.num_images
         grid = [common.gather(x)[:n] for x in (out["masked"], out["onestep"],
                                                 out["inpainted"], batch["image"])]
-    parts = {k: np.concatenate(v)[:self.max_examples] for k, v in parts.items()}
+    parts = {k: np.concatenate(v) for k, v in parts.items()}
     if self.context.is_main and grid is not None:
       visualize.image_grid(grid, os.path.join(self.context.workdir, "images",
                                               f"inpainting_{step:07d}.png"),

@@ -465,7 +465,7 @@ def _resolve(model_config):
     if key in kw and kw[key] is not None and not (is_int(kw[key]) and kw[key] >= lowest):
       raise ConfigError(f"{key}={kw[key]!r} must be an int >= {lowest}")
   p = kw["patch_size"]
-  if len(size) != 2 or size[0] % p or size[1] % p:
+  if size[0] % p or size[1] % p:
     raise ConfigError(f"image size {size} is not divisible by the patch size {p}")
   if kw.get("remat_policy", "none") not in REMAT_POLICIES:
     raise ConfigError(f"unknown remat_policy {kw['remat_policy']!r}; known: "

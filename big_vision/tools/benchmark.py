@@ -315,8 +315,9 @@ def bench_train_step(config, steps, profile_steps=0, between_steps=None):
 
 
 def bench_sampling(config, model, diffusion, params, num_samples):
-  """img/s of DDIM at the config's sampling_timesteps, as the sampling evaluator runs it
-  (one jitted call per batch), without its reference data."""
+  """img/s of DDIM at the config's sampling_timesteps on one device (one jitted call per
+  batch; the sampling evaluator splits its batches over every device), without its
+  reference data."""
   h, w = model.image_size
   steps = config.diffusion.sampling_timesteps
   labels = model.null_labels(num_samples) if model.num_classes else None
