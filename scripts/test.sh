@@ -14,4 +14,4 @@ if [ -n "$jemalloc" ]; then
   export MALLOC_CONF
 fi
 # Two workers: the machines have two cores and much of a test is single-threaded.
-.venv/bin/python -m pytest -q -n 2 --dist loadfile tests "$@"
+.venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 tests "$@"

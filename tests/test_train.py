@@ -16,6 +16,7 @@ from big_vision import config_cli
 from big_vision import input_pipeline
 from big_vision import train
 from big_vision import train_step
+from big_vision.config_parsing import ConfigError
 from tests import test_input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +82,18 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     train.train(config, resumed)
   monkeypatch.setattr(input_pipeline, "start_global", real_start)
   assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["6"]
+  assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 9))
+
+  # Another batch size would skip 6 batches of another size: the wrong data position.
+  other = fmnist_config(data_dir, "total_steps=12,ema=0.9,batch_size=16", ckpt_steps=6)
+  with pytest.raises(ConfigError, match=r"batch_size=16.*step 6.*batch_size=32"):
+    train.train(other, resumed)
+  with open(os.path.join(resumed, "config.json")) as f:  # The run's own config stays.
+    assert json.load(f)["input"]["batch_size"] == 32
+
   state_b, _ = train.train(config, resumed)
+  # Steps 7 and 8 of the interrupted run were discarded with it: each step logged once.
+  assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 13))
 
   a = {r["step"]: r["loss"] for r in read_metrics(straight)}
   b = {r["step"]: r["loss"] for r in read_metrics(resumed) if r["step"] > 6}
