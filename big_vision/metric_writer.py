@@ -11,14 +11,19 @@ class MetricWriter:
   """Appends one JSON object per logged step; mirrors to wandb on the main process.
 
   A remote workdir (gs://...) cannot be appended to: its records are kept here and the
-  whole (small) metrics.jsonl is rewritten at each write.
+  whole metrics.jsonl is rewritten, at most every `upload_seconds` (late in a long run it
+  is megabytes) and at each flush(): the trainer flushes before checkpoints, pictures and
+  the end, so the file always holds what a resumed run would keep.
   """
 
-  def __init__(self, workdir, config, is_main=True, resume_step=None):
+  def __init__(self, workdir, config, is_main=True, resume_step=None, upload_seconds=60.0,
+               clock=time.monotonic):
     self.is_main = is_main
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._wandb = None
     self._lines = None  # The remote file's lines; None for a local file (appended to).
+    self._upload_seconds, self._clock = upload_seconds, clock
+    self._uploaded_at, self._pending = clock(), False
     if not is_main:
       return
     if fileio.is_remote(workdir):
@@ -45,9 +50,17 @@ class MetricWriter:
         f.write(line)
     else:
       self._lines.append(line)
-      fileio.write_text(self.path, "".join(self._lines))
+      self._pending = True
+      if self._clock() - self._uploaded_at >= self._upload_seconds:
+        self.flush()
     if self._wandb is not None:
       self._wandb.log(record, step=int(step))
+
+  def flush(self):
+    """Uploads a remote metrics.jsonl if records are waiting (a local file is current)."""
+    if self._lines is not None and self._pending:
+      fileio.write_text(self.path, "".join(self._lines))
+      self._uploaded_at, self._pending = self._clock(), False
 
   def _drop_after(self, step):
     """Forgets the records of steps after `step`: a run resumed from that checkpoint logs
@@ -79,6 +92,7 @@ class MetricWriter:
       os.replace(tmp, self.path)
 
   def close(self):
+    self.flush()
     if self._wandb is not None:
       self._wandb.finish()
 

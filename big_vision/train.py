@@ -195,6 +195,8 @@ def train(config, workdir):
         log(progress.line(step, metrics, rate))
         writer.write(step, dict(metrics, img_per_sec=rate,
                                 epoch=step * batch_size / num_train))
+      if step != total_steps and (step % ckpt_every == 0 or step % image_every == 0):
+        writer.flush()  # A remote metrics.jsonl: current in the checkpoint and the curve.
       if step % ckpt_every == 0 and step != total_steps:
         ckpt.save(step, state, dict(step=step, examples_seen=step * batch_size))
       if step % image_every == 0 and step != total_steps:
@@ -208,6 +210,7 @@ def train(config, workdir):
 
     # The end: final checkpoint and pictures.
     if total_steps > start_step:
+      writer.flush()
       ckpt.save(total_steps, state, dict(step=total_steps,
                                          examples_seen=total_steps * batch_size))
       if vis_images is not None:

@@ -100,20 +100,33 @@ def test_visualize_writes_pngs_to_the_bucket(bucket):
 def test_metric_writer_rewrites_remote_file_and_drops_after_resume(bucket):
   config = ml_collections.ConfigDict(dict(wandb=dict(mode="disabled")))
   fileio.makedirs(RUN)
-  writer = metric_writer.MetricWriter(RUN, config)
-  for step in range(1, 5):
-    writer.write(step, {"loss": 1.0 / step})
+  steps_in_bucket = lambda: [r["step"] for r in records(
+      open(bucket(f"{RUN}/metrics.jsonl")).read())]
+  now = [0.0]
+  writer = metric_writer.MetricWriter(RUN, config, upload_seconds=60, clock=lambda: now[0])
+  writer.write(1, {"loss": 1.0})
+  assert not os.path.exists(bucket(f"{RUN}/metrics.jsonl"))  # Not yet a minute.
+  now[0] = 60.0
+  writer.write(2, {"loss": 0.5})  # A minute on: the whole file goes up.
+  assert steps_in_bucket() == [1, 2]
+  writer.write(3, {"loss": 0.3})
+  assert steps_in_bucket() == [1, 2]
+  writer.flush()  # What the trainer does before a checkpoint.
+  assert steps_in_bucket() == [1, 2, 3]
+  writer.write(4, {"loss": 0.25})
   writer.close()
-  text = open(bucket(f"{RUN}/metrics.jsonl")).read()
-  assert [r["step"] for r in records(text)] == [1, 2, 3, 4]
+  assert steps_in_bucket() == [1, 2, 3, 4]
   # Resumed from step 2: 3 and 4 are forgotten, then logged again.
   writer = metric_writer.MetricWriter(RUN, config, resume_step=2)
-  assert [r["step"] for r in records(open(bucket(f"{RUN}/metrics.jsonl")).read())] == [1, 2]
+  assert steps_in_bucket() == [1, 2]
   writer.write(3, {"loss": 0.3})
-  assert [r["step"] for r in records(open(bucket(f"{RUN}/metrics.jsonl")).read())] == [1, 2, 3]
+  writer.close()
+  assert steps_in_bucket() == [1, 2, 3]
   # Not the main process: writes nothing.
-  metric_writer.MetricWriter(RUN, config, is_main=False).write(9, {"loss": 0.0})
-  assert len(records(open(bucket(f"{RUN}/metrics.jsonl")).read())) == 3
+  writer = metric_writer.MetricWriter(RUN, config, is_main=False)
+  writer.write(9, {"loss": 0.0})
+  writer.close()
+  assert steps_in_bucket() == [1, 2, 3]
 
 
 def test_wandb_of_a_remote_workdir_goes_to_a_local_folder(bucket, tmp_path, monkeypatch,
