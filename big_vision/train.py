@@ -60,6 +60,30 @@ def save_config(config, workdir):
                     config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def _data_position(step, batch_size):
+  """What a checkpoint records of the data stream (the `extra` of checkpointing.py)."""
+  return dict(step=step, examples_seen=step * batch_size, process_count=jax.process_count())
+
+
+def _check_data_position(ckpt, step, batch_size, workdir, log):
+  """Resuming skips `step` batches of this batch size, each process of its own shard."""
+  extra = ckpt.extra(step) or {}
+  seen = extra.get("examples_seen")
+  if seen is not None and seen != step * batch_size:  # Would repeat or skip data.
+    ckpt.close()
+    raise ConfigError(
+        f"batch_size={batch_size}, but the checkpoint of step {step} in {workdir} "
+        f"was trained with batch_size={seen // step} ({seen} examples seen); "
+        "resume with that batch size, or start a new workdir (init_from=... to keep "
+        "the parameters)")
+  saved, now = extra.get("process_count"), jax.process_count()
+  if saved is not None and saved != now:  # The state restores; the data split differs.
+    log(f"WARNING: the checkpoint of step {step} was trained on {saved} processes and this "
+        f"run has {now}: each process now reads 1/{now} of the data, so the rest of the "
+        "current epoch repeats some images and misses others (later epochs are whole). "
+        f"Resume on {saved} processes to continue the same data stream.")
+
+
 def train(config, workdir):
   """Runs (or resumes) one training run in `workdir`. Returns (state, last metrics)."""
   is_main = jax.process_index() == 0
@@ -73,16 +97,7 @@ def train(config, workdir):
   ckpt = checkpointing.Checkpointer(workdir)
   resume_step = ckpt.latest_step()
   if resume_step is not None:
-    # The data position is resume_step batches of this batch size: it must be the one
-    # the checkpointed run used, or the resumed run would repeat or skip data.
-    seen = (ckpt.extra(resume_step) or {}).get("examples_seen")
-    if seen is not None and seen != resume_step * batch_size:
-      ckpt.close()
-      raise ConfigError(
-          f"batch_size={batch_size}, but the checkpoint of step {resume_step} in {workdir} "
-          f"was trained with batch_size={seen // resume_step} ({seen} examples seen); "
-          "resume with that batch size, or start a new workdir (init_from=... to keep "
-          "the parameters)")
+    _check_data_position(ckpt, resume_step, batch_size, workdir, log)
   if is_main:  # Only now: a refused resume leaves the run's own config.json.
     save_config(config, workdir)
   train_ds, num_train = input_pipeline.training(config.input, seed=config.seed,
@@ -198,7 +213,7 @@ def train(config, workdir):
       if step != total_steps and (step % ckpt_every == 0 or step % image_every == 0):
         writer.flush()  # A remote metrics.jsonl: current in the checkpoint and the curve.
       if step % ckpt_every == 0 and step != total_steps:
-        ckpt.save(step, state, dict(step=step, examples_seen=step * batch_size))
+        ckpt.save(step, state, _data_position(step, batch_size))
       if step % image_every == 0 and step != total_steps:
         write_pictures(step, state["params"], vis_images)
         progress.restart(step)
@@ -211,8 +226,7 @@ def train(config, workdir):
     # The end: final checkpoint and pictures.
     if total_steps > start_step:
       writer.flush()
-      ckpt.save(total_steps, state, dict(step=total_steps,
-                                         examples_seen=total_steps * batch_size))
+      ckpt.save(total_steps, state, _data_position(total_steps, batch_size))
       if vis_images is not None:
         write_pictures(total_steps, state["params"], vis_images)
       eval_common.run_due(evals, total_steps, total_steps, state, writer, log)

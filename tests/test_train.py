@@ -83,6 +83,9 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(input_pipeline, "start_global", real_start)
   assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["6"]
   assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 9))
+  ckpt = checkpointing.Checkpointer(resumed)
+  assert ckpt.extra(6) == dict(step=6, examples_seen=6 * 32, process_count=1)
+  ckpt.close()
 
   # Another batch size would skip 6 batches of another size: the wrong data position.
   other = fmnist_config(data_dir, "total_steps=12,ema=0.9,batch_size=16", ckpt_steps=6)
@@ -104,6 +107,34 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     for x, y in zip(jax.tree_util.tree_leaves(state_a[key]),
                     jax.tree_util.tree_leaves(state_b[key])):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+class FakeCheckpointer:
+
+  def __init__(self, extra):
+    self._extra, self.closed = extra, False
+
+  def extra(self, step):
+    del step
+    return self._extra
+
+  def close(self):
+    self.closed = True
+
+
+def test_resume_on_another_process_count_warns_and_goes_on():
+  lines = []
+  ckpt = FakeCheckpointer(dict(step=6, examples_seen=6 * 32, process_count=4))
+  train._check_data_position(ckpt, 6, 32, "/w", lines.append)  # This test: 1 process.
+  assert not ckpt.closed
+  assert len(lines) == 1 and "WARNING" in lines[0], lines
+  assert "4 processes and this run has 1" in lines[0]
+  assert "Resume on 4 processes" in lines[0]
+  # The same count, or a checkpoint from before the count was recorded: nothing to say.
+  for extra in (dict(examples_seen=6 * 32, process_count=1), dict(examples_seen=6 * 32)):
+    lines.clear()
+    train._check_data_position(FakeCheckpointer(extra), 6, 32, "/w", lines.append)
+    assert not lines
 
 
 @pytest.mark.parametrize("method", ["mae", "dit", "maskdit"])
