@@ -100,6 +100,23 @@ def test_fewshot_evaluator_pixels_and_representation(data_dir, tmp_path):
     assert 0.0 <= r["10shot"] <= 1.0 and r["10shot"] > 0.15  # Random ViT features beat chance.
 
 
+def test_fewshot_noises_train_and_test_differently(data_dir, tmp_path):
+  from big_vision.evaluators import fewshot
+  ctx, params = make_context(data_dir, str(tmp_path))
+  ev = fewshot.Evaluator(ctx, features="noised", t=50, train_split="train[:64]",
+                         test_split="test[:64]", batch_size=32, shots=(1,), seeds=1,
+                         holdout_per_class=1)
+  keys, featurize = [], ev._featurize
+
+  def recording(p, images, key):
+    keys.append(np.asarray(jax.random.key_data(key)).tobytes())
+    return featurize(p, images, key)
+  ev._featurize = recording
+  list(ev.run(params, 0))
+  assert len(keys) == 4  # Two batches each of train and test, all noised differently.
+  assert len(set(keys)) == 4
+
+
 def test_diffusion_loss_evaluator_deterministic_and_by_t(data_dir, tmp_path):
   from big_vision.evaluators import diffusion_loss
   ctx, params = make_context(data_dir, str(tmp_path))

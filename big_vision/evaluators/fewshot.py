@@ -48,11 +48,13 @@ class Evaluator:
       return model.apply({"params": params}, images, t, method=model.representation)
     self._featurize = jax.jit(featurize)
 
-  def _features(self, params, input_cfg):
+  def _features(self, params, input_cfg, seed):
+    """Features of a split; "noised" draws its noise from `seed` (one per split, so that
+    train and test images at the same position are not noised alike) and the batch index."""
     counter = iter(range(1 << 30))
 
     def fn(batch):
-      key = jax.random.fold_in(jax.random.PRNGKey(0), next(counter))
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), next(counter))
       return {"x": self._featurize(params, batch["image"], key), "y": batch["label"]}
     out = common.collect(self.context, input_cfg, fn,
                          what=f"{self.features} features of {input_cfg['data']['split']}")
@@ -63,7 +65,7 @@ class Evaluator:
     if self._cache is not None:
       data = self._cache
     else:
-      data = self._features(params, self.train_cfg) + self._features(params, self.test_cfg)
+      data = self._features(params, self.train_cfg, 0) + self._features(params, self.test_cfg, 1)
       if self.features == "pixels":
         self._cache = data
     train_x, train_y, test_x, test_y = data
