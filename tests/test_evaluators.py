@@ -1,4 +1,5 @@
 """Evaluators on tiny models and data, the probe's math on synthetic features, eval_only."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from big_vision import diffusion as diffusion_lib
 from big_vision import objective
 from big_vision import sharding
 from big_vision import train
+from big_vision.config_parsing import ConfigError
 from big_vision.evaluators import common
 from big_vision.evaluators import linear_probe
 from big_vision.models import ae
@@ -242,6 +244,20 @@ def test_sampling_evaluator_missing_weights_is_skipped_with_reason(data_dir, tmp
   said = []
   assert common.build(config, ctx, 100, 10, log=said.append) == []
   assert len(said) == 1 and "eval s skipped" in said[0] and "train_feature_net" in said[0]
+
+
+def test_feature_net_of_another_image_shape_is_a_config_error(data_dir, tmp_path,
+                                                              feature_net_weights):
+  ctx, _ = make_context(data_dir, str(tmp_path))
+  rgb32 = ae.build_model(dict(ctx.config.model.to_dict(), image_size=32, channels=3))
+  ctx = dataclasses.replace(ctx, model=rgb32)
+  config = ml_collections.ConfigDict(dict(evals=dict(s=dict(
+      type="sampling", feature_net=dict(kind="fmnist_classifier",
+                                        weights=feature_net_weights)))))
+  with pytest.raises(ConfigError, match=r"evals.s: feature_net: feature network "
+                                        r"'fmnist_classifier' takes 28x28x1 images, not "
+                                        r"32x32x3; use kind='inception'"):
+    common.build(config, ctx, 100, 10)
 
 
 def test_inpainting_keeps_visible_pixels(data_dir, tmp_path):

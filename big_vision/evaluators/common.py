@@ -153,6 +153,8 @@ def build(config, context, num_train, batch_size, log=print):
       evaluator = module.Evaluator(context, **options)
     except FileNotFoundError as e:
       missing = e
+    except ValueError as e:  # A bad option: one line naming the eval, before training.
+      raise ConfigError(f"evals.{name}: {e}") from None
     # Every process runs the same evals (their data loops are collective): a file missing
     # on one host skips the eval on all of them.
     if not on_every_process(missing is None):

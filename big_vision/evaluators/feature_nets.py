@@ -21,6 +21,14 @@ class FeatureNet:
   name: str          # Used in metric names and cache keys.
   weights: str
   fn: Callable       # images [B, H, W, C] in [-1, 1] -> (features [B, D], probs [B, K]).
+  image_shape: tuple | None = None  # (H, W, C) it takes; None: any (it resizes).
+
+  def check_images(self, image_shape, what):
+    """ValueError naming `what` when images of `image_shape` (H, W, C) cannot go in."""
+    if self.image_shape is not None and tuple(image_shape) != self.image_shape:
+      h, w, c = self.image_shape
+      raise ValueError(f"{what}: feature network {self.name!r} takes {h}x{w}x{c} images, not "
+                       f"{'x'.join(map(str, image_shape))}; use kind='inception' (any size)")
 
   @property
   def metric_suffix(self):
@@ -41,7 +49,8 @@ def load(kind, weights):
   """FeatureNet for `kind`; a missing weights file raises FileNotFoundError saying why."""
   if kind == "fmnist_classifier":
     from big_vision.models import fmnist_classifier  # pylint: disable=g-import-not-at-top
-    return FeatureNet(kind, weights, fmnist_classifier.feature_fn(weights))
+    return FeatureNet(kind, weights, fmnist_classifier.feature_fn(weights),
+                      image_shape=fmnist_classifier.IMAGE_SHAPE)
   if kind == "inception":
     from big_vision.models import inception  # pylint: disable=g-import-not-at-top
     return FeatureNet(kind, weights, inception.feature_fn(weights))

@@ -34,6 +34,8 @@ class Scorer:
                cache_dir=None):
     # Loaded now, so a missing weights file is reported before any training.
     self.net = feature_nets.load(feature_net["kind"], feature_net["weights"])
+    model = context.model
+    self.net.check_images((*model.image_size, model.channels), "feature_net")
     self.context, self.reference_cfg = context, reference_cfg
     self.max_reference, self.cache_dir = max_reference, cache_dir or DEFAULT_CACHE
     self._reference = None

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 NAME = "fmnist_classifier"
+IMAGE_SHAPE = (28, 28, 1)  # Fashion-MNIST's, the only images it takes.
 
 
 class Classifier(nn.Module):
@@ -53,7 +54,7 @@ def load(path):
     flat = {k: jnp.asarray(data[k]) for k in data.files}
   params = flax.traverse_util.unflatten_dict(flat, sep="/")
   expected = jax.eval_shape(lambda: Classifier().init(jax.random.PRNGKey(0),
-                                                      jnp.zeros((1, 28, 28, 1)))["params"])
+                                                      jnp.zeros((1, *IMAGE_SHAPE)))["params"])
   want = {k: v.shape for k, v in flax.traverse_util.flatten_dict(expected, sep="/").items()}
   got = {k: v.shape for k, v in flat.items()}
   if want != got:
