@@ -68,7 +68,9 @@ def evals(config, arg):
     result.reconstruction = dict(type="reconstruction", **every)
   if config.no_noise_prob < 1:  # Only models trained on noised images can sample.
     result.samples = dict(type="sampling", num_samples=arg.fid_samples, batch_size=100,
-                          guidance_scales=(1.0, 3.0), feature_net=feature_net)
+                          feature_net=feature_net)
+    if arg.use_labels:  # Classifier-free guidance needs labels.
+      result.samples.guidance_scales = (1.0, 3.0)
     # One batch, sharded over the devices: 200 divides on 1, 2, 4 or 8 of them.
     result.inpainting = dict(type="inpainting", mask_ratio=0.5, max_examples=200,
                              batch_size=200, feature_net=feature_net)

@@ -39,6 +39,19 @@ def test_fewshot_and_reconstruction_check_options_at_construction(data_dir, tmp_
     reconstruction.Evaluator(ctx, mask_ratio=1.0)
 
 
+def test_guidance_scales_need_a_conditional_model(data_dir, tmp_path):
+  from big_vision.evaluators import sampling
+  from configs import ae_fmnist
+  ctx, _ = make_context(data_dir, str(tmp_path))  # Unconditional.
+  with pytest.raises(ValueError, match=r"guidance_scales=\(1.0, 3.0\) needs a "
+                                       r"class-conditional model"):
+    sampling.Evaluator(ctx, guidance_scales=(1.0, 3.0))
+  assert sampling.Evaluator(ctx).guidance_scales == ()
+  # The config asks for guidance only where there are labels.
+  assert "guidance_scales" not in ae_fmnist.get_config("").evals.samples
+  assert ae_fmnist.get_config("use_labels=True").evals.samples.guidance_scales == (1.0, 3.0)
+
+
 def test_concurrent_writers_of_the_same_statistics_file(tmp_path):
   """Hosts sharing a cache directory may save the same reference statistics at once."""
   import threading

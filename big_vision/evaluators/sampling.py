@@ -1,7 +1,8 @@
 """Samples from the model: PNG grids, and FID / Inception Score against real data.
 
 Unconditional samples for every model; for class-conditional models, samples with
-classifier-free guidance at each of `guidance_scales` (1 = plain conditional). DDIM (eta)
+classifier-free guidance at each of `guidance_scales` (1 = plain conditional; default
+(1,); an unconditional model given scales is a config error). DDIM (eta)
 or DDPM with `sampling_timesteps` respaced steps, each batch one compiled program; eta
 and the steps default to config.diffusion's.
 FID/IS use a feature network (feature_nets.py); the reference statistics of the real
@@ -29,7 +30,7 @@ class Evaluator:
   """Yields fid{_net}, is{_net}, is{_net}_std (prefixed cfg{scale}/ when conditional)."""
 
   def __init__(self, context, num_samples=512, batch_size=128, sampler="ddim",
-               sampling_timesteps=None, eta=None, guidance_scales=(1.0,), feature_net=None,
+               sampling_timesteps=None, eta=None, guidance_scales=None, feature_net=None,
                reference_split="test", floor_split="train", max_reference=10_000,
                cache_dir=None, data=None, pp=None, num_grid=64, seed=0):
     if sampler not in SAMPLERS:
@@ -46,7 +47,12 @@ class Evaluator:
     self.sampling_timesteps = int(sampling_timesteps or cfg.diffusion.sampling_timesteps)
     self.clip_x0 = bool(cfg.diffusion.get("clip_x0", True))
     self.num_classes = int(cfg.model.get("num_classes") or 0)
-    self.guidance_scales = tuple(guidance_scales) if self.num_classes else ()
+    if guidance_scales is not None and not self.num_classes:
+      raise ValueError(f"guidance_scales={tuple(guidance_scales)} needs a class-conditional "
+                       "model (use_labels=True, model.num_classes > 0); this one samples "
+                       "unconditionally only")
+    self.guidance_scales = (tuple((1.0,) if guidance_scales is None else guidance_scales)
+                            if self.num_classes else ())
     self.scorer = None
     real_batch = common.device_multiple(context, 500)
     if feature_net:
