@@ -147,7 +147,7 @@ def train(config, workdir):
 
   # The update step: one jit-compiled program with explicit shardings.
   update = train_step.make_update(config, model, diffusion, tx, lr_fn, rng, batch_size,
-                                  mesh.devices.size)
+                                  mesh.devices.size, data_sharding)
   update = jax.jit(update, in_shardings=(state_shardings, data_sharding),
                    out_shardings=(state_shardings, repl), donate_argnums=(0,))
 

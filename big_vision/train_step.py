@@ -45,11 +45,24 @@ def make_init_state(config, init_params, tx):
   return init_state
 
 
-def make_update(config, model, diffusion, tx, lr_fn, rng, batch_size, num_devices):
+# fold_in(step key, _ROW_ORDER): the key of a step's row order, apart from the examples'.
+_ROW_ORDER = 1 << 30
+
+
+def row_order(step_key, batch_size):
+  """The step's random order of the batch's rows; the first n_clean of it are clean."""
+  return jax.random.permutation(jax.random.fold_in(step_key, _ROW_ORDER), batch_size)
+
+
+def make_update(config, model, diffusion, tx, lr_fn, rng, batch_size, num_devices,
+                data_sharding=None):
   """The training step (state, batch) -> (state, metrics), before jit.
 
   rng is the run's base key; each step folds in its step number, and each example gets
-  its own key, so the step does not depend on sharding or micro-batching.
+  its own key, so the step does not depend on sharding or micro-batching. The batch's
+  rows are put in a random order first (and kept in `data_sharding`): the clean branch
+  takes the first rows, and on several hosts the first rows are always process 0's
+  shard of the data.
   """
   apply = make_apply(model)
   labels_on = bool(model.num_classes)
@@ -121,9 +134,16 @@ def make_update(config, model, diffusion, tx, lr_fn, rng, batch_size, num_device
 
   def update(state, batch):
     # One key per example: the loss does not depend on sharding or micro-batching.
-    keys = jax.random.split(jax.random.fold_in(rng, state["step"]), batch_size)
-    labels = batch["label"] if labels_on else None
-    grads, metrics = gradients(state["params"], batch["image"], labels, keys)
+    step_key = jax.random.fold_in(rng, state["step"])
+    keys = jax.random.split(step_key, batch_size)
+    order = row_order(step_key, batch_size)
+
+    def shuffle(x):
+      if x is None or data_sharding is None:
+        return None if x is None else x[order]
+      return jax.lax.with_sharding_constraint(x[order], data_sharding)
+    labels = shuffle(batch["label"] if labels_on else None)
+    grads, metrics = gradients(state["params"], shuffle(batch["image"]), labels, keys)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new = dict(params=params, opt_state=opt_state, step=state["step"] + 1)

@@ -41,6 +41,46 @@ def test_grad_accumulation_equals_full_batch(data_dir, tmp_path):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
+def _one_step_setup(no_noise_prob, batch_size):
+  """A Mu/4 UMD config, its model and diffusion, SGD (lr 1), a fresh state, a batch."""
+  config, _ = config_cli.load_from_argv([
+      f"--config=configs/ae_fmnist.py:variant=Mu/4,no_noise_prob={no_noise_prob},"
+      "evals=False,total_steps=1"])
+  model = ae.build_model(config.model)
+  diffusion = diffusion_lib.GaussianDiffusion.create("cosine", 1000)
+  tx = optax.sgd(1.0)
+  init_state = train_step.make_init_state(config, train_step.make_init_params(model), tx)
+  state = init_state(jax.random.PRNGKey(0))
+  images = jax.random.uniform(jax.random.PRNGKey(1), (batch_size, 28, 28, 1), minval=-1)
+  batch = dict(image=images, label=jnp.zeros((batch_size,), jnp.int32))
+  return config, model, diffusion, tx, state, batch
+
+
+def test_clean_rows_are_a_random_share_of_the_batch_each_step():
+  """The clean branch takes the first rows of the step's random row order: on several
+  hosts, the batch's first rows are always process 0's shard of the data."""
+  batch_size, rng = 16, jax.random.PRNGKey(2)
+  config, model, diffusion, tx, state, batch = _one_step_setup(0.5, batch_size)
+  update = jax.jit(train_step.make_update(config, model, diffusion, tx, lambda s: 1.0, rng,
+                                          batch_size, 1))
+  _, metrics = update(state, batch)
+  # The loss of the batch in that order, with the step's per-example keys.
+  step_key = jax.random.fold_in(rng, 0)
+  order = train_step.row_order(step_key, batch_size)
+  loss, m = objective.umd_loss(
+      train_step.make_apply(model), state["params"], batch["image"][order], None,
+      jax.random.split(step_key, batch_size), diffusion, no_noise_prob=0.5,
+      mask_ratio=config.mask_ratio, mask_ratio_no_noise=config.mask_ratio_no_noise,
+      grid=model.grid, patch_size=model.patch_size)
+  np.testing.assert_allclose(metrics["loss_clean"], m["loss_clean"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+  # Each step another half of the rows is clean, every row clean in some step.
+  clean = [set(np.asarray(train_step.row_order(jax.random.fold_in(rng, s), batch_size))[:8])
+           for s in range(6)]
+  assert len({frozenset(c) for c in clean}) == 6
+  assert set().union(*clean) == set(range(batch_size))
+
+
 @pytest.mark.parametrize("no_noise_prob,accum", [
     (0.3, 4),    # 10 clean of 32: micro-batches of 3, 3, 2, 2 (rounding each: 2 x 4).
     (0.05, 4),   # 2 clean of 32: two micro-batches have none (rounding each: 0).
@@ -52,16 +92,7 @@ def test_umd_grad_accumulation_is_the_full_batch_computation(no_noise_prob, accu
   # Rounding per micro-batch would give a different clean share: the case is real.
   assert (objective.split_sizes(micro, no_noise_prob)[0] * accum
           != objective.split_sizes(batch_size, no_noise_prob)[0])
-  config, _ = config_cli.load_from_argv([
-      f"--config=configs/ae_fmnist.py:variant=Mu/4,no_noise_prob={no_noise_prob},"
-      "evals=False,total_steps=1"])
-  model = ae.build_model(config.model)
-  diffusion = diffusion_lib.GaussianDiffusion.create("cosine", 1000)
-  tx = optax.sgd(1.0)
-  init_state = train_step.make_init_state(config, train_step.make_init_params(model), tx)
-  state = init_state(jax.random.PRNGKey(0))
-  images = jax.random.uniform(jax.random.PRNGKey(1), (batch_size, 28, 28, 1), minval=-1)
-  batch = dict(image=images, label=jnp.zeros((batch_size,), jnp.int32))
+  config, model, diffusion, tx, state, batch = _one_step_setup(no_noise_prob, batch_size)
   results = {}
   for k in (1, accum):
     config.grad_accum_steps = k

@@ -99,7 +99,7 @@ def _setup(config, total_steps=1000):
                                             mesh, config.param_sharding)
   data_sharding = sharding.batch_sharding(mesh)
   update = train_step.make_update(config, model, diffusion, tx, lr_fn, jax.random.PRNGKey(1),
-                                  config.input.batch_size, mesh.devices.size)
+                                  config.input.batch_size, mesh.devices.size, data_sharding)
   update = jax.jit(update, in_shardings=(state_shardings, data_sharding),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
                    donate_argnums=(0,))
