@@ -29,7 +29,8 @@ import jax
 
 _ATTENTION = re.compile(r"fmha|flash|dot_product_attention", re.I)
 _CATEGORY_PATTERNS = (
-    ("matmul", re.compile(r"gemm|cublas|dot|conv|matmul|ynn_fusion|xnn_fusion|onednn",
+    # conv(?!ert): convolutions ("convolution.3", "cudnn-conv.1"), not dtype converts.
+    ("matmul", re.compile(r"gemm|cublas|dot|conv(?!ert)|matmul|ynn_fusion|xnn_fusion|onednn",
                           re.I)),
     ("copy", re.compile(r"^(copy|transpose)", re.I)),
     ("elementwise", re.compile(r"fusion", re.I)),

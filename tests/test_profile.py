@@ -70,3 +70,12 @@ def test_profile_by_module():
   assert total == pytest.approx(summary["op_ms_per_step"])  # Every op somewhere.
   lines = profile.format_summary(summary)
   assert "profile by module (op time per step):" in lines
+
+
+@pytest.mark.parametrize("name,category", [
+    ("convolution.3", "matmul"), ("cudnn-conv.1", "matmul"), ("dot.2", "matmul"),
+    ("loop_convert_fusion.3", "elementwise"),  # Converts are not convolutions.
+    ("wrapped_convert.2", "other"), ("convert.7", "other"),
+])
+def test_categorise(name, category):
+  assert profile.categorise(name) == category
