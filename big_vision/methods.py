@@ -93,6 +93,31 @@ def _check_positive_int(name, value):
     raise config_parsing.ConfigError(f"{name}={value!r} must be an int >= 1")
 
 
+def _check_number(name, value, low, high=None, low_open=False, high_open=True):
+  """A finite number in [low, high) (or (low, ...] per the flags); None: unset, fine."""
+  if value is None:
+    return
+  ok = (isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        and np.isfinite(value) and (value > low if low_open else value >= low)
+        and (high is None or (value < high if high_open else value <= high)))
+  if not ok:
+    interval = ("(" if low_open else "[") + f"{low:g}, " + (
+        "inf)" if high is None else f"{high:g}" + (")" if high_open else "]"))
+    raise config_parsing.ConfigError(f"{name}={value!r} must be a finite number in {interval}")
+
+
+def check_optimizer(config):
+  """The optimizer, EMA and label-dropout values: out of range they train silently wrong
+  (a negative clip flips the gradient, ema_decay 1 keeps the EMA at init, lr nan...)."""
+  _check_number("lr", config.get("lr"), 0.0, low_open=True)
+  _check_number("wd", config.get("wd"), 0.0)
+  for beta in ("b1", "b2"):
+    _check_number(f"optax.{beta}", (config.get("optax") or {}).get(beta), 0.0, 1.0)
+  _check_number("grad_clip_norm", config.get("grad_clip_norm"), 0.0)
+  _check_number("ema_decay", config.get("ema_decay"), 0.0, 1.0)
+  _check_number("label_dropout", config.get("label_dropout"), 0.0, 1.0, high_open=False)
+
+
 def check_config(config):
   """Raises ConfigError (one line) for values no run could use. Cheap: builds nothing."""
   from big_vision.models import ae  # pylint: disable=g-import-not-at-top
@@ -113,3 +138,4 @@ def check_config(config):
     raise config_parsing.ConfigError(
         f"batch_size={batch_size} is not divisible by grad_accum_steps={accum}")
   check_diffusion(config)
+  check_optimizer(config)

@@ -45,6 +45,28 @@ def test_run_length_that_trains_nothing_is_a_config_error(arg, message):
     train.check_trainable(config)
 
 
+@pytest.mark.parametrize("arg,message", [
+    ("lr=-0.001", r"lr=-0.001 must be a finite number in \(0, inf\)"),
+    ("lr=nan", r"lr=nan must be a finite number"),
+    ("wd=-0.1", r"wd=-0.1 must be a finite number in \[0, inf\)"),
+    ("beta2=1.0", r"optax.b2=1.0 must be a finite number in \[0, 1\)"),
+    ("grad_clip=-1.0", r"grad_clip_norm=-1.0 must be"),  # Would flip the gradient.
+    ("ema=1.0", r"ema_decay=1.0 must be a finite number in \[0, 1\)"),  # EMA stays at init.
+    ("ema=-0.5", r"ema_decay=-0.5"),
+    ("label_dropout=1.5", r"label_dropout=1.5 must be a finite number in \[0, 1\]"),
+])
+def test_optimizer_values_out_of_range_are_config_errors(arg, message):
+  config, _ = config_cli.load_from_argv([f"--config=configs/ae_fmnist.py:{arg}"])
+  with pytest.raises(ConfigError, match=message):
+    train.check_trainable(config)
+
+
+def test_optimizer_values_at_their_bounds_are_fine():
+  config, _ = config_cli.load_from_argv(["--config=configs/ae_fmnist.py:wd=0.0,beta2=0.0,"
+                                         "grad_clip=0.0,ema=0.0,label_dropout=1.0"])
+  train.check_trainable(config)
+
+
 def test_zero_interval_is_a_config_error_not_a_zero_division_mid_run():
   config, _ = config_cli.load_from_argv(
       ["--config=configs/ae_fmnist.py:total_steps=10", "--config.ckpt_steps=0"])
