@@ -88,3 +88,10 @@ def test_cli_mismatch_exits_with_one_line(workdir, config_args):
   lines = [l for l in out.stderr.splitlines() if "config error" in l]
   assert len(lines) == 1 and "no_noise_prob: run 0.5, config 0.0" in lines[0], out.stderr
   assert "Traceback" not in out.stderr
+
+
+def test_every_eval_skipped_says_so(data_dir, workdir):
+  config = make_config(data_dir, s=dict(type="sampling", feature_net=dict(
+      kind="inception", weights="/nonexistent/inception.npz")))
+  with pytest.raises(SystemExit, match=r"every eval was skipped \(see above\)"):
+    eval_only.evaluate(config, workdir)

@@ -139,8 +139,9 @@ def evaluate(config, workdir, checkpoint=None):
                                 workdir=workdir, mesh=mesh,
                                 data_sharding=sharding.batch_sharding(mesh))
   evals = eval_common.build(config, context, num_train=1, batch_size=1)
-  if not evals:
-    raise SystemExit("config.evals is empty: nothing to evaluate")
+  if not evals:  # build said why of each eval it skipped.
+    raise SystemExit("every eval was skipped (see above): nothing to evaluate"
+                     if config.get("evals") else "config.evals is empty: nothing to evaluate")
   writer = metric_writer.MetricWriter(workdir, config, is_main=jax.process_index() == 0)
   try:
     log = metric_writer.log if jax.process_index() == 0 else (lambda *_: None)  # One copy.
