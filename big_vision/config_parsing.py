@@ -86,11 +86,20 @@ def convert(key, raw, default):
       f"config option {key!r} expects a {kind.__name__} (default {default!r}), got {raw!r}")
 
 
+def _item_value(key, sep, raw, default):
+  """The typed value of one `key=raw` item; a bare key (no `=`) is True for a bool."""
+  if not sep:
+    if not isinstance(default, bool):
+      raise ConfigError(f"config option {key!r} needs a value: {key}=...")
+    raw = "True"
+  return convert(key, raw, default)
+
+
 def parse_arg(arg, **defaults):
   """Parses `k1=v1,k2=v2` into a ConfigDict of `defaults` updated with typed values.
 
   A bare key (`scan`) sets a bool option to True. Keys not in `defaults` are an error
-  that lists the known ones.
+  that lists the known ones. A key given twice takes its last value.
   """
   result = dict(defaults)
   for item in filter(None, split_top_level(arg or "")):
@@ -99,18 +108,17 @@ def parse_arg(arg, **defaults):
     if key not in defaults:
       raise ConfigError(
           f"unknown config option {key!r}; known options: {', '.join(sorted(defaults))}")
-    if not sep:
-      if not isinstance(defaults[key], bool):
-        raise ConfigError(f"config option {key!r} needs a value: {key}=...")
-      raw = "True"
-    result[key] = convert(key, raw, defaults[key])
+    result[key] = _item_value(key, sep, raw, defaults[key])
   return ml_collections.ConfigDict(result)
 
 
 def peek(arg, key, default):
-  """Returns the raw value of one option without checking the others (for presets)."""
+  """The value of one option, typed like `default`, without checking the others (for
+  presets that change the other options' defaults). Reads it as parse_arg will: a bare
+  key is True for a bool option, and the last of repeated keys wins."""
+  value = default
   for item in filter(None, split_top_level(arg or "")):
-    k, _, raw = item.partition("=")
+    k, sep, raw = item.partition("=")
     if k.strip() == key:
-      return _strip_quotes(raw.strip())
-  return default
+      value = _item_value(key, sep, raw, default)
+  return value

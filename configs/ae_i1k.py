@@ -29,8 +29,7 @@ FINETUNE = dict(use_labels=True, mask_ratio=0.0, no_noise_prob=0.05, batch_size=
 
 def get_config(arg=None):
   """Config for UMD-style training on ImageNet-2012."""
-  finetune = config_parsing.convert(
-      "finetune", config_parsing.peek(arg, "finetune", "false"), False)
+  finetune = config_parsing.peek(arg, "finetune", False)
   # ImageNet runs on accelerators: bfloat16 matmuls (float32 parameters, norms and loss),
   # and cuDNN's fused attention where the GPU has it ('auto'; XLA's elsewhere): on an H100
   # B/4 at 64x64, batch 256, trains at 2427 img/s with it against 1993 without, and peaks
@@ -46,6 +45,10 @@ def get_config(arg=None):
   if finetune:
     method_defaults = {m: dict(FINETUNE) for m in methods.PRESETS}
   arg = common.parse(arg, method_defaults=method_defaults, **defaults)
+  if arg.finetune and not arg.init_from:  # The trainer reads init_from, not finetune.
+    raise config_parsing.ConfigError(
+        "finetune=True needs init_from=PRETRAIN_WORKDIR (the pre-trained run to start "
+        "from); without it the recipe trains from scratch")
 
   config = mlc.ConfigDict()
   config.size = arg.size

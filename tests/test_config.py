@@ -74,6 +74,10 @@ def test_unknown_method():
     ae_i1k.get_config("method=vae")
 
 
+# Fine-tuning starts from a pre-trained run (the path is not opened by the config).
+FINETUNE = "finetune=True,init_from=/tmp/pretrain"
+
+
 # The commands of seed 002 (UMD README), as config strings, and method presets.
 I1K_VARIANTS = [
     "variant=B/4,size=64",
@@ -83,9 +87,9 @@ I1K_VARIANTS = [
     "variant=L/2,latent_diffusion=True,size=256",
     "variant=L/16,size=256",
     "variant=B/4,size=64,batch_size=256,beta2=0.999,mask_ratio=0.0,no_noise_prob=0.05,"
-    "use_labels=True,epochs=50,area_min=95,wd=0.0,finetune=True",
+    "use_labels=True,epochs=50,area_min=95,wd=0.0," + FINETUNE,
     "variant=B/4,size=64,adaln=False,batch_size=256,beta2=0.999,mask_ratio=0.0,"
-    "no_noise_prob=0.05,use_labels=True,epochs=50,area_min=95,wd=0.0,finetune=True",
+    "no_noise_prob=0.05,use_labels=True,epochs=50,area_min=95,wd=0.0," + FINETUNE,
     "variant=L/2,latent_diffusion=True,size=256,batch_size=256,beta2=0.999,mask_ratio=0.0,"
     "no_noise_prob=0.0,use_labels=True,epochs=400,area_min=95,wd=0.0",
 ] + [f"method={m},variant={v}" for m in sorted(methods.PRESETS)
@@ -103,12 +107,30 @@ def test_i1k_config_builds_every_variant(arg):
 
 
 def test_finetune_recipe():
-  config = ae_i1k.get_config("finetune=True")
+  config = ae_i1k.get_config(FINETUNE)
   assert config.model.num_classes == 1000 and config.mask_ratio == 0.0
   assert config.no_noise_prob == 0.05 and config.optax.b2 == 0.999 and config.wd == 0.0
   assert config.input.batch_size == 256 and config.ema_decay > 0
   assert config.total_epochs == 50
-  assert ae_i1k.get_config("finetune=True,no_noise_prob=0.0").no_noise_prob == 0.0
+  assert ae_i1k.get_config(FINETUNE + ",no_noise_prob=0.0").no_noise_prob == 0.0
+
+
+@pytest.mark.parametrize("arg", ["finetune=True", "finetune", "finetune=yes,init_from=''"])
+def test_finetune_needs_init_from(arg):
+  with pytest.raises(ConfigError, match=r"^finetune=True needs init_from=PRETRAIN_WORKDIR"):
+    ae_i1k.get_config(arg)
+
+
+def test_bare_finetune_flag_is_true():
+  # A bare bool option is True, also for the options peeked before parsing (presets).
+  config = ae_i1k.get_config("finetune,init_from=/tmp/pretrain")
+  assert config.finetune and config.mask_ratio == 0.0 and config.init_from == "/tmp/pretrain"
+  assert config_parsing.peek("a=1,scan", "scan", False) is True
+  assert config_parsing.peek("scan,scan=False", "scan", True) is False  # The last one wins.
+  assert config_parsing.peek("method='mae'", "method", "umd") == "mae"
+  assert config_parsing.peek("", "scan", False) is False
+  with pytest.raises(ConfigError, match=r"'method' needs a value"):
+    config_parsing.peek("method", "method", "umd")
 
 
 def test_latent_diffusion_space():
@@ -152,7 +174,7 @@ def test_i1k_evals_follow_the_method():
   assert umd.evals.fewshot.every_steps == 10_000 and umd.evals.fewshot.shots == (10, 25, 100)
   assert ae_i1k.get_config("method=dit").evals.fewshot.features == "noised"
   assert "val" not in ae_i1k.get_config("method=mae").evals
-  finetune = ae_i1k.get_config("finetune=True")
+  finetune = ae_i1k.get_config(FINETUNE)
   assert finetune.evals.samples.guidance_scales == (1.0, 2.0, 4.0)
   assert finetune.evals.samples.feature_net.kind == "inception"
 
@@ -210,7 +232,7 @@ def _with(arg, **fields):
      r"\[1, 1000\]"),
     ("timesteps=100", {}, r"diffusion.sampling_timesteps=125 must be an int in \[1, 100\]"),
     ("", dict(diffusion__eta=-0.5), r"diffusion.eta=-0.5 must be a number >= 0"),
-    ("finetune=True", dict(evals__samples__sampling_timesteps=1001),
+    (FINETUNE, dict(evals__samples__sampling_timesteps=1001),
      r"evals.samples.sampling_timesteps=1001 must be an int in \[1, 1000\]"),
     ("", dict(evals__inp=dict(type="inpainting", sampling_timesteps=0)),
      r"evals.inp.sampling_timesteps=0 must be an int in \[1, 1000\]"),
@@ -226,7 +248,7 @@ def test_check_config_rejects_diffusion_and_accumulation(arg, fields, match):
 
 
 def test_check_config_accepts_sampling_options():
-  config = _with("finetune=True,schedule=linear,timesteps=21,sampling_timesteps=21",
+  config = _with(FINETUNE + ",schedule=linear,timesteps=21,sampling_timesteps=21",
                  evals__samples__sampling_timesteps=1, evals__samples__eta=1.0,
                  grad_accum_steps=4)
   methods.check_config(config)
