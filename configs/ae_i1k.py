@@ -63,7 +63,10 @@ def get_config(arg=None):
   config.diffusion_space = space
 
   config.input = mlc.ConfigDict()
-  config.input.data = dict(name="imagenet2012", split="train[:99%]")
+  # JPEGs stay encoded until pp: the shuffle buffer then holds 250k encoded images (~110 kB
+  # each) rather than decoded ones, and resuming skips examples without decoding them.
+  # The evaluators read their own data section, decoded by TFDS; `decode` passes those.
+  config.input.data = dict(name="imagenet2012", split="train[:99%]", skip_decode=("image",))
   config.input.batch_size = arg.batch_size
   config.input.shuffle_buffer_size = 250_000
   config.input.cache_raw = False  # True needs ~120 GB of host memory.

@@ -133,6 +133,23 @@ def test_bare_finetune_flag_is_true():
     config_parsing.peek("method", "method", "umd")
 
 
+def test_i1k_pipeline_decodes_in_pp():
+  # The training data stays encoded through the shuffle buffer: its pp must decode.
+  import numpy as np
+  import tensorflow as tf
+  from big_vision import pp
+  config = ae_i1k.get_config("size=32")
+  assert tuple(config.input.data.skip_decode) == ("image",)
+  for spec in (config.input.pp, config.pp_eval):
+    assert spec.split("|")[0].startswith("decode"), spec
+    jpeg = tf.io.encode_jpeg(np.random.RandomState(0).randint(0, 256, (40, 48, 3), np.uint8))
+    example = {"image": jpeg, "label": tf.constant(3, tf.int64),
+               "_seed": tf.constant([1, 2], tf.int64)}
+    out = pp.get_preprocess_fn(spec)(example)
+    assert out["image"].shape == (32, 32, 3) and out["image"].dtype == tf.float32
+    assert -1 <= float(tf.reduce_min(out["image"])) <= float(tf.reduce_max(out["image"])) <= 1
+
+
 def test_latent_diffusion_space():
   config = ae_i1k.get_config("variant=L/2,latent_diffusion=True,size=256")
   assert tuple(config.diffusion_space) == (32, 32, 4)
