@@ -196,6 +196,29 @@ def test_i1k_evals_follow_the_method():
   assert finetune.evals.samples.feature_net.kind == "inception"
 
 
+@pytest.mark.parametrize("config_name", ["ae_fmnist", "ae_i1k"])
+@pytest.mark.parametrize("timesteps,t", [(1000, 100), (50, 5), (5, 0)])
+def test_fewshot_noise_step_follows_timesteps(monkeypatch, config_name, timesteps, t):
+  # A 'noised' probe at t=100 would not start with timesteps=50.
+  import importlib
+  from big_vision import diffusion as diffusion_lib
+  from big_vision import sharding
+  from big_vision.evaluators import common
+  from big_vision.evaluators import fewshot
+  from big_vision.models import ae
+  monkeypatch.setattr(common, "eval_input_config", lambda *a, **k: {})
+  get_config = importlib.import_module(f"configs.{config_name}").get_config
+  config = get_config(f"method=dit,variant=Mu/4,timesteps={timesteps},sampling_timesteps=5")
+  spec = dict(config.evals.fewshot)
+  assert spec.pop("type") == "fewshot" and spec["features"] == "noised" and spec["t"] == t
+  spec.pop("every_steps", None), spec.pop("every_epochs", None)
+  model = ae.build_model(config.model)
+  context = common.Context(model=model, config=config, workdir="", mesh=sharding.make_mesh(),
+                           diffusion=diffusion_lib.GaussianDiffusion.create("cosine", timesteps),
+                           data_sharding=None)
+  assert fewshot.Evaluator(context, **spec).t == t
+
+
 def test_i1k_fewshot_split_holds_enough_per_class():
   # Every class needs holdout_per_class + max(shots) images of the probe's train_split;
   # 1.5x that on average leaves room for ImageNet's unequal classes (732-1300 images).
