@@ -83,3 +83,20 @@ def test_torch_name_mapping_round_trip(tmp_path, weights):
 def test_avg_pool_excludes_padding():
   x = jnp.ones((1, 4, 4, 1))
   np.testing.assert_allclose(inception.avg_pool_exclude_pad(x), 1.0)  # Corners too.
+
+
+def test_inception_score_probabilities_leave_out_the_fc_bias(tmp_path, weights):
+  """IS uses softmax(pool3 @ fc/kernel) without fc/bias (openai's IS code, torch-fidelity's
+  logits_unbiased); FID's pool3 features are the same whatever the bias."""
+  with np.load(weights) as data:
+    flat = {k: data[k] for k in data.files}
+  bias = np.random.default_rng(0).normal(0, 5, flat["fc/bias"].shape).astype(np.float32)
+  np.savez(tmp_path / "biased.npz", **dict(flat, **{"fc/bias": bias}))
+  images = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (2, 28, 28, 1),
+                                         minval=-1, maxval=1))
+  feats, probs = feature_nets.load("inception", str(tmp_path / "biased.npz"))(images)
+  plain_feats, plain_probs = feature_nets.load("inception", weights)(images)
+  np.testing.assert_allclose(feats, plain_feats, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(probs, plain_probs, rtol=1e-4, atol=1e-7)
+  expected = jax.nn.softmax(jnp.asarray(feats, jnp.float32) @ flat["fc/kernel"])
+  np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-7)

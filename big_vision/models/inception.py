@@ -141,7 +141,10 @@ class InceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-  """images [B, H, W, 1 or 3] in [-1, 1] -> (pool features [B, 2048], logits [B, 1008])."""
+  """images [B, H, W, 1 or 3] in [-1, 1] -> (pool features [B, 2048], logits [B, 1008]).
+
+  The logits include fc/bias; the Inception Score leaves it out (see feature_fn).
+  """
 
   @nn.compact
   def __call__(self, images):
@@ -221,12 +224,17 @@ def make_random_weights(path, seed=0):
 
 
 def feature_fn(path):
-  """A jitted fn: images in [-1, 1] -> (pool features [B, 2048], probabilities [B, 1008])."""
+  """A jitted fn: images in [-1, 1] -> (pool features [B, 2048], probabilities [B, 1008]).
+
+  The probabilities (for the Inception Score) are the softmax of pool3 @ fc/kernel WITHOUT
+  fc/bias, as openai's original IS code (softmax/logits/MatMul's weight only) and
+  torch-fidelity's default "logits_unbiased": published IS figures are computed so.
+  """
   params = load_fid_weights(path)
   model = FIDInceptionV3()
 
   @jax.jit
   def fn(images):
-    features, logits = model.apply({"params": params}, images)
-    return features, jax.nn.softmax(logits)
+    features, _ = model.apply({"params": params}, images)
+    return features, jax.nn.softmax(features @ params["fc"]["kernel"])
   return fn
