@@ -8,6 +8,7 @@ import os
 
 from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from big_vision import fileio
@@ -56,42 +57,81 @@ class Checkpointer:
 def load_params(path):
   """Parameters of a finished or running run: a workdir, its checkpoints folder, or one
   step's folder (DIR/checkpoints/1000). Returns ({"params": ..., and "ema_params" when the
-  run keeps them}, step), as host arrays.
+  run keeps them}, step), replicated over this run's devices: the checkpoint may come from
+  any number of devices or processes, sharded or not.
   """
   path = _absolute(path)
   isdir = lambda p: epath.Path(p).is_dir()
   step = None
-  if os.path.basename(path).isdigit() and isdir(path):
-    path, step = os.path.dirname(path), int(os.path.basename(path))
+  parent = os.path.dirname(path)
+  if (os.path.basename(path).isdigit() and os.path.basename(parent) == "checkpoints"
+      and isdir(path)):  # A step's folder; a workdir may be named 20240601 too.
+    path, step = parent, int(os.path.basename(path))
   elif isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   if not isdir(path):
     raise FileNotFoundError(f"{path} is not a workdir or checkpoint directory")
   manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
+  manager.close()
   if step is None:
     raise FileNotFoundError(f"no checkpoint under {path}")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  state = restored.state
+  # The saved shardings name the saving run's devices: restore onto ours, replicated.
+  state_dir = epath.Path(path) / str(step) / "state"  # Save()'s Composite item "state".
+  replicated = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",)), jax.sharding.PartitionSpec())
+  with ocp.StandardCheckpointer() as checkpointer:
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+        checkpointer.metadata(state_dir).item_metadata)
+    state = checkpointer.restore(state_dir, target)
   return {k: state[k] for k in ("params", "ema_params") if k in state}, step
 
 
-def merge_params(fresh, loaded):
-  """Takes every loaded array whose path and shape match; keeps fresh ones otherwise.
+def _unstacked(flat):
+  """{keystr: array} with a scanned stack's blocks (['blocks'], depth first) as the
+  ['block_NN'] entries of an unrolled model, so that either layout loads into the other."""
+  out = {}
+  for key, value in flat.items():
+    if "['blocks']" in key:
+      for i in range(value.shape[0]):
+        out[key.replace("['blocks']", f"['block_{i:02d}']", 1)] = value[i]
+    else:
+      out[key] = value
+  return out
 
-  Returns (merged tree, list of the paths that kept their fresh initialisation), so that
-  fine-tuning can add a label embedding to a self-supervised checkpoint.
+
+def merge_params(fresh, loaded):
+  """Takes every loaded array whose path and shape match (scanned or unrolled blocks
+  alike); keeps fresh ones otherwise.
+
+  Returns (merged tree, paths that kept their fresh initialisation, loaded arrays that
+  fit nowhere), so that fine-tuning can add a label embedding to a self-supervised
+  checkpoint, and a checkpoint of another model is not silently half-loaded.
   """
-  flat_loaded = {jax.tree_util.keystr(k): v
-                 for k, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
-  kept_fresh = []
+  flat_loaded = _unstacked({jax.tree_util.keystr(k): v
+                            for k, v in jax.tree_util.tree_flatten_with_path(loaded)[0]})
+  used, kept_fresh = set(), []
+
+  def lookup(key, shape):
+    y = flat_loaded.get(key)
+    if y is None or tuple(y.shape) != tuple(shape):
+      return None
+    used.add(key)
+    return y
 
   def pick(path, x):
     key = jax.tree_util.keystr(path)
-    y = flat_loaded.get(key)
-    if y is None or tuple(y.shape) != tuple(x.shape):
+    if "['blocks']" in key:  # This model scans its blocks: stack the loaded ones.
+      parts = [lookup(key.replace("['blocks']", f"['block_{i:02d}']", 1), x.shape[1:])
+               for i in range(x.shape[0])]
+      y = None if any(p is None for p in parts) else jax.numpy.stack(parts)
+    else:
+      y = lookup(key, x.shape)
+    if y is None:
       kept_fresh.append(key)
       return x
     return jax.device_put(y, x.sharding).astype(x.dtype)
-  return jax.tree_util.tree_map_with_path(pick, fresh), kept_fresh
+  merged = jax.tree_util.tree_map_with_path(pick, fresh)
+  unused = [f"{k} {tuple(v.shape)}" for k, v in flat_loaded.items() if k not in used]
+  return merged, kept_fresh, unused

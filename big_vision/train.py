@@ -137,8 +137,13 @@ def train(config, workdir):
     start_step = 0
     state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
     if config.get("init_from"):
-      params, fresh = checkpointing.merge_params(
+      params, fresh, unused = checkpointing.merge_params(
           state["params"], checkpointing.load_params(config.init_from)[0]["params"])
+      if unused:  # Another variant, patch or image size: its weights would be dropped.
+        raise ConfigError(
+            f"init_from={config.init_from}: {len(unused)} of its arrays fit nowhere in "
+            f"this model (path or shape differ), e.g. {', '.join(unused[:3])}; this model "
+            f"has them fresh: {', '.join(fresh[:3]) or 'none'}")
       state = dict(state, params=params, opt_state=jax.jit(
           tx.init, out_shardings=state_shardings["opt_state"])(params))
       if use_ema:  # A copy: the step donates the state, and one buffer cannot go twice.
