@@ -280,3 +280,53 @@ def test_benchmark_gpu_script_names_an_unknown_variant(tmp_path):
                         str(tmp_path / "out"), "flash"], capture_output=True, text=True)
   assert out.returncode == 2
   assert "unknown variant flash; known: xla cudnn cudnn_bf16" in out.stderr
+
+
+# scripts/train_fmnist.sh
+
+
+def _train_fmnist(tmp_path, args, feature_net):
+  """Runs the script in a copy of the repository layout with a no-op setup.sh and a fake
+  .venv/bin/python that prints its arguments, one a line."""
+  (tmp_path / "scripts").mkdir()
+  shutil.copy(os.path.join(ROOT, "scripts", "train_fmnist.sh"), tmp_path / "scripts")
+  _fake_bin(tmp_path / "scripts", "setup.sh")
+  (tmp_path / ".venv" / "bin").mkdir(parents=True)
+  _fake_bin(tmp_path / ".venv" / "bin", "python", 'printf "%s\\n" "$@"')
+  feature_net.write_text("weights")
+  env = {k: v for k, v in os.environ.items() if k not in ("WORKDIR", "FEATURE_NET")}
+  env["FEATURE_NET"] = str(feature_net)
+  out = subprocess.run(["bash", str(tmp_path / "scripts" / "train_fmnist.sh")] + args,
+                       capture_output=True, text=True, env=env, timeout=60)
+  assert out.returncode == 0, out.stderr
+  return out.stdout.splitlines()
+
+
+@pytest.mark.parametrize("args,expected", [
+    ([], ["--config", "configs/ae_fmnist.py:feature_net='{}'"]),
+    (["--config", "configs/ae_fmnist.py:method=mae", "--x"],
+     ["--config", "configs/ae_fmnist.py:method=mae,feature_net='{}'", "--x"]),
+    (["--config=configs/ae_fmnist.py", "--config.seed=1"],
+     ["--config=configs/ae_fmnist.py:feature_net='{}'", "--config.seed=1"]),
+    # The user's own feature_net=, and other configs, stay as they are.
+    (["--config", "configs/ae_fmnist.py:feature_net=/mine.npz"],
+     ["--config", "configs/ae_fmnist.py:feature_net=/mine.npz"]),
+    (["--config", "configs/ae_i1k.py:variant=B/4"], ["--config", "configs/ae_i1k.py:variant=B/4"]),
+])
+def test_train_fmnist_passes_the_feature_net_to_the_config(tmp_path, args, expected):
+  # Was: the classifier was trained at FEATURE_NET, and the evals looked at the default.
+  feature_net = tmp_path / "my nets" / "fmnist.npz"
+  feature_net.parent.mkdir()
+  lines = _train_fmnist(tmp_path, args, feature_net)
+  assert lines[:3] == ["-m", "big_vision.train", "--workdir"]
+  assert lines[4:] == [e.format(feature_net) for e in expected]
+
+
+def test_train_fmnist_config_string_reaches_the_feature_net(tmp_path):
+  from configs import ae_fmnist
+  feature_net = tmp_path / "a,b" / "fmnist.npz"  # A comma, as the config string splits.
+  feature_net.parent.mkdir()
+  spec = _train_fmnist(tmp_path, [], feature_net)[5]
+  config = ae_fmnist.get_config(spec.partition(":")[2])
+  assert config.evals.samples.feature_net.weights == str(feature_net)
+  assert config.evals.inpainting.feature_net.weights == str(feature_net)
