@@ -14,13 +14,18 @@
 # four. Each writes OUT_DIR/NAME.json and its log to LOG_DIR/NAME.log (default OUT_DIR);
 # a table of all of them is printed last.
 # Synthetic batches: imagenet2012 need not be prepared (the input figure is then skipped).
+# PYTHON= names the interpreter (default: .venv/bin/python if there is one, else python3,
+# as on a bare GPU machine with JAX installed).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 out=${1:?usage: bash scripts/benchmark_gpu.sh OUT_DIR [VARIANT ...]}
 shift
 variants=("$@")
 [ ${#variants[@]} -gt 0 ] || variants=(xla cudnn cudnn_bf16 xla_bf16)
-python=${PYTHON:-python3}
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
+fi
 logs=${LOG_DIR:-$out}
 mkdir -p "$out" "$logs"
 # Grow GPU memory on demand, so that the device's peak bytes in use are the step's own.

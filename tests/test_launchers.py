@@ -330,3 +330,35 @@ def test_train_fmnist_config_string_reaches_the_feature_net(tmp_path):
   config = ae_fmnist.get_config(spec.partition(":")[2])
   assert config.evals.samples.feature_net.weights == str(feature_net)
   assert config.evals.inpainting.feature_net.weights == str(feature_net)
+
+
+# scripts/benchmark_gpu.sh and the README's commands
+
+
+@pytest.mark.parametrize("venv", [True, False])
+def test_benchmark_gpu_python_defaults_to_the_venv(tmp_path, venv):
+  # A bare GPU machine has no .venv: python3 there, the project's .venv where it exists.
+  (tmp_path / "scripts").mkdir()
+  shutil.copy(os.path.join(ROOT, "scripts", "benchmark_gpu.sh"), tmp_path / "scripts")
+  record = f'echo "$0" >> {tmp_path}/ran'
+  fakes = tmp_path / "bin"
+  fakes.mkdir()
+  _fake_bin(fakes, "python3", record)
+  if venv:
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    _fake_bin(tmp_path / ".venv" / "bin", "python", record)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_VARS)}
+  env["PATH"] = f"{fakes}:/usr/bin:/bin"
+  out = subprocess.run(["bash", str(tmp_path / "scripts" / "benchmark_gpu.sh"),
+                        str(tmp_path / "out"), "xla"], capture_output=True, text=True,
+                       env=env, timeout=60)
+  assert out.returncode == 0, out.stderr
+  ran = (tmp_path / "ran").read_text().split()
+  assert ran == [".venv/bin/python" if venv else str(fakes / "python3")] * 2  # Bench, table.
+
+
+def test_readme_slurm_example_is_ibrun_headers():
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  header = open(os.path.join(ROOT, "ibrun.sh")).read().split("set -euo")[0]
+  salloc = [l.strip() for l in readme.splitlines() if l.strip().startswith("salloc")]
+  assert salloc and all(f"#   {l}\n" in header for l in salloc), salloc
