@@ -3,6 +3,7 @@ import json
 import os
 import re
 import time
+import uuid
 
 from big_vision import fileio
 
@@ -111,7 +112,7 @@ def _run_id(workdir):
   path = os.path.join(workdir, "wandb_id.txt")
   if fileio.exists(path):
     return fileio.read_text(path).strip()
-  run_id = f"run-{int(time.time())}"
+  run_id = f"run-{uuid.uuid4().hex[:12]}"  # Not the time: sweeps start runs in one second.
   fileio.write_text(path, run_id)
   return run_id
 

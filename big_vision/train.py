@@ -8,6 +8,7 @@ Running again on the same workdir resumes from its last checkpoint. The step its
 (state init and the update function) is built in train_step.py.
 """
 import functools
+import json
 import os
 import sys
 
@@ -84,6 +85,37 @@ def _check_data_position(ckpt, step, batch_size, workdir, log):
         f"Resume on {saved} processes to continue the same data stream.")
 
 
+def _flat(tree, prefix=""):
+  """{dotted key: value} of a JSON tree."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}.{k}" if prefix else k))
+  return out
+
+
+def _check_resumed_config(config, workdir, log):
+  """A resumed run against the config.json of the run it continues: another model or
+  diffusion cannot continue that state; other changes (data, seed, objective) are allowed
+  but said, since the run no longer equals an uninterrupted one."""
+  path = os.path.join(workdir, "config.json")
+  if not fileio.exists(path):
+    return
+  saved = _flat(json.loads(fileio.read_text(path)))
+  now = _flat(json.loads(config.to_json_best_effort()))
+  changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+  show = lambda k: f"{k}={saved.get(k)!r} -> {now.get(k)!r}"
+  fixed = [k for k in changed if k.split(".")[0] in ("model", "diffusion")]
+  if fixed:
+    raise ConfigError(
+        f"{workdir} holds a run of another model: {'; '.join(map(show, fixed[:4]))}; resume "
+        "with its config (config.json), or start a new workdir (init_from=... to keep the "
+        "parameters)")
+  if changed:
+    log(f"WARNING: resuming {workdir} with a changed config: {'; '.join(map(show, changed))}")
+
+
 def train(config, workdir):
   """Runs (or resumes) one training run in `workdir`. Returns (state, last metrics)."""
   is_main = jax.process_index() == 0
@@ -98,8 +130,11 @@ def train(config, workdir):
   resume_step = ckpt.latest_step()
   if resume_step is not None:
     _check_data_position(ckpt, resume_step, batch_size, workdir, log)
-  if is_main:  # Only now: a refused resume leaves the run's own config.json.
-    save_config(config, workdir)
+    try:
+      _check_resumed_config(config, workdir, log)
+    except ConfigError:
+      ckpt.close()
+      raise
   train_ds, num_train = input_pipeline.training(config.input, seed=config.seed,
                                                 skip_batches=resume_step or 0)
   total_steps = steps_lib.resolve(config, "total", num_train, batch_size)
@@ -131,7 +166,14 @@ def train(config, workdir):
     target = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state, state_shardings)
-    state, extra = ckpt.restore(start_step, target)
+    try:
+      state, extra = ckpt.restore(start_step, target)
+    except ValueError as e:  # Orbax: the saved tree differs from this run's state.
+      ckpt.close()
+      raise ConfigError(
+          f"the checkpoint of step {start_step} in {workdir} holds another train state "
+          f"(EMA, optimizer or model changed?): {str(e).splitlines()[0][:200]}; resume "
+          "with the run's config (config.json), or start a new workdir") from None
     log(f"resumed from step {start_step} ({extra})")
   else:
     start_step = 0
@@ -149,6 +191,9 @@ def train(config, workdir):
       if use_ema:  # A copy: the step donates the state, and one buffer cannot go twice.
         state["ema_params"] = jax.tree_util.tree_map(lambda p: p.copy(), params)
       log(f"initialised from {config.init_from}; fresh: {fresh or 'nothing'}")
+
+  if is_main:  # Only now: a refused resume or init_from leaves the run's own config.json.
+    save_config(config, workdir)
 
   # The update step: one jit-compiled program with explicit shardings.
   update = train_step.make_update(config, model, diffusion, tx, lr_fn, rng, batch_size,
@@ -193,8 +238,9 @@ def train(config, workdir):
       data_sharding=data_sharding), num_train, batch_size, log=log)
 
   # The loop. The data iterator skips the batches earlier runs consumed.
+  # A fresh start forgets the records of a run that died before its first checkpoint.
   writer = metric_writer.MetricWriter(workdir, config, is_main=is_main,
-                                      resume_step=resume_step)
+                                      resume_step=resume_step or 0)
   batches = input_pipeline.start_global(
       train_ds, data_sharding, n_prefetch=config.input.get("prefetch_to_device", 2))
   progress = metric_writer.Progress(total_steps, batch_size, start_step)

@@ -78,6 +78,9 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     raise Interrupt()
 
   monkeypatch.setattr(input_pipeline, "start_global", start_then_die)
+  os.makedirs(resumed)  # An earlier try that died before its first checkpoint logged step 3.
+  with open(os.path.join(resumed, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
   with pytest.raises(Interrupt):
     train.train(config, resumed)
   monkeypatch.setattr(input_pipeline, "start_global", real_start)
@@ -91,8 +94,14 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
   other = fmnist_config(data_dir, "total_steps=12,ema=0.9,batch_size=16", ckpt_steps=6)
   with pytest.raises(ConfigError, match=r"batch_size=16.*step 6.*batch_size=32"):
     train.train(other, resumed)
+  # Another model cannot continue this state.
+  other = fmnist_config(data_dir, "total_steps=12,ema=0.9,adaln=False", ckpt_steps=6)
+  with pytest.raises(ConfigError, match=r"holds a run of another model: model.adaln=True -> "
+                                        r"False; resume with its config"):
+    train.train(other, resumed)
   with open(os.path.join(resumed, "config.json")) as f:  # The run's own config stays.
-    assert json.load(f)["input"]["batch_size"] == 32
+    saved = json.load(f)
+    assert saved["input"]["batch_size"] == 32 and saved["model"]["adaln"]
 
   state_b, _ = train.train(config, resumed)
   # Steps 7 and 8 of the interrupted run were discarded with it: each step logged once.
@@ -107,6 +116,21 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     for x, y in zip(jax.tree_util.tree_leaves(state_a[key]),
                     jax.tree_util.tree_leaves(state_b[key])):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_resume_with_another_seed_or_state_is_said_or_refused(tmp_path):
+  workdir = str(tmp_path)
+  config = fmnist_config("/data", "total_steps=12")
+  train.save_config(config, workdir)
+  lines = []
+  train._check_resumed_config(config, workdir, lines.append)
+  assert not lines
+  changed = fmnist_config("/data", "total_steps=12,seed=3")
+  train._check_resumed_config(changed, workdir, lines.append)
+  assert lines == [f"WARNING: resuming {workdir} with a changed config: seed=0 -> 3"]
+  with pytest.raises(ConfigError, match=r"holds a run of another model: model.variant='Mu/4' -> "
+                                        r"'Mu/7'; resume with its config"):
+    train._check_resumed_config(fmnist_config("/data", "variant=Mu/7"), workdir, print)
 
 
 class FakeCheckpointer:
