@@ -62,7 +62,8 @@ def test_block_masking_covers_whole_blocks():
 
 
 def test_block_masking_rejects_indivisible_grid():
-  with pytest.raises(ValueError, match="block size 3 does not divide the patch grid 8x8"):
+  with pytest.raises(ValueError,
+                     match="mask_block_size=3 does not divide the patch grid 8x8; use a divisor"):
     masking.block_masking(jax.random.PRNGKey(0), 2, (8, 8), 0.5, 3)
 
 
@@ -86,3 +87,21 @@ def test_mask_to_pixels():
   px = masking.mask_to_pixels(mask, (2, 2), 3)
   assert px.shape == (1, 6, 6, 1)
   assert px[0, :3, :3].min() == 1 and px[0, :3, 3:].max() == 0 and px[0, 3:, 3:].min() == 1
+
+
+@pytest.mark.parametrize("n,ratio,match", [
+    (1, 0.5, r"mask_ratio=0.5 masks none of the 1 tokens; one token must stay visible, so "
+             r"none can be masked; use mask_ratio=0 or smaller patches"),
+    (49, 1e-9, r"mask_ratio=1e-09 masks none of the 49 tokens; 1/49 = 0.020408 masks one"),
+])
+def test_random_masking_rejects_ratio_that_masks_no_token(n, ratio, match):
+  # As block masking: else the masked-patch loss is silently 0.
+  with pytest.raises(ValueError, match=rf"^{match}$"):
+    masking.random_masking(jax.random.PRNGKey(0), 2, n, ratio)
+  if n > 1:  # The ratio it names masks one token.
+    np.testing.assert_array_equal(
+        masking.random_masking(jax.random.PRNGKey(0), 2, n, 0.020408).mask.sum(1), 1)
+  # Zero still means no masking, also of a single token.
+  np.testing.assert_array_equal(masking.random_masking(jax.random.PRNGKey(0), 2, n, 0.0).mask,
+                                0)
+  assert masking.masked_tokens(n, 0.0) == 0

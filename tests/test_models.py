@@ -268,7 +268,7 @@ def test_representation_is_clean_unmasked_and_deterministic():
 @pytest.mark.parametrize("cfg,match", [
     (dict(variant="B/4", image_size=30), r"image size \(30, 30\) is not divisible by the patch"),
     (dict(variant="B/4", image_size=64, masking="block", mask_block_size=3),
-     "mask_block_size 3 does not divide the patch grid 16x16"),
+     "mask_block_size=3 does not divide the patch grid 16x16"),
     (dict(variant="B/4", image_size=64, dtype_mm="fp8"), "unknown dtype_mm 'fp8'"),
     (dict(variant="B/4", image_size=64, dtype_activations="fp8"),
      "unknown dtype_activations 'fp8'"),

@@ -10,9 +10,11 @@ One module expresses MAE, UMD, DiT and MaskDiT; the trainer decides what goes in
 Conditioning c = time embedding (+ label embedding) enters every block through AdaLN-Zero
 (`adaln=True`, DiT) or is added to the tokens (`adaln=False`).
 The decoder queries at masked positions are built in `_masked_queries` (MAE's mask
-token). The DiffMAE and MaskDM presets are not built yet (only MaskDM's block masking
-is, `masking="block"`); when they are, DiffMAE's noisy masked patches will plug in there
-and MaskDM's loss on visible patches in the trainer's objective, not in a fork of this file.
+token). The DiffMAE and MaskDM presets are not built yet; MaskDM's block masking is
+(`masking="block"`, `mask_block_size`; the configs' options of the same names), and so
+is a learned position embedding (`posemb="learn"`). When the presets are built,
+DiffMAE's noisy masked patches will plug in there and MaskDM's loss on visible patches
+in the trainer's objective, not in a fork of this file.
 """
 import re
 from typing import Any, Optional, Sequence
@@ -461,7 +463,8 @@ def _resolve(model_config):
   size = tuple(int(s) for s in size)
   kw["image_size"] = size
   for key, lowest in (("channels", 1), ("num_cls_tokens", 0), ("num_classes", 0),
-                      ("decoder_width", 1), ("decoder_depth", 0), ("decoder_mlp_dim", 1)):
+                      ("decoder_width", 1), ("decoder_depth", 0), ("decoder_mlp_dim", 1),
+                      ("mask_block_size", 1)):
     if key in kw and kw[key] is not None and not (is_int(kw[key]) and kw[key] >= lowest):
       raise ConfigError(f"{key}={kw[key]!r} must be an int >= {lowest}")
   p = kw["patch_size"]
@@ -482,11 +485,7 @@ def _resolve(model_config):
     raise ConfigError(f"unknown posemb {kw['posemb']!r}; known: sincos2d, learn")
   if kw.get("masking", "random") not in ("random", "block"):
     raise ConfigError(f"unknown masking {kw['masking']!r}; known: random, block")
-  if kw.get("masking") == "block":
-    b = kw.get("mask_block_size", 4)
-    gh, gw = size[0] // p, size[1] // p
-    if b <= 0 or gh % b or gw % b:
-      raise ConfigError(f"mask_block_size {b} does not divide the patch grid {gh}x{gw}")
+  _check_masking(kw, mask_ratio=0.0)  # The block size, whatever the ratios.
   for key in ("width", "decoder_width"):
     if kw[key] % kw["num_heads"]:
       raise ConfigError(f"{key} {kw[key]} is not divisible by num_heads {kw['num_heads']}")
@@ -495,8 +494,25 @@ def _resolve(model_config):
   return kw
 
 
-def check_model_config(model_config):
-  _resolve(model_config)
+def _check_masking(kw, **mask_ratios):
+  """masking.py's errors for the resolved model options, as one-line ConfigErrors: the
+  block size must divide the patch grid, and a non-zero ratio must mask a token (block)."""
+  grid = (kw["image_size"][0] // kw["patch_size"], kw["image_size"][1] // kw["patch_size"])
+  try:
+    for name, ratio in mask_ratios.items():
+      if kw.get("masking", Model.masking) == "block":
+        masking_lib.masked_blocks(grid, ratio, kw.get("mask_block_size", Model.mask_block_size),
+                                  name)
+      else:
+        masking_lib.masked_tokens(grid[0] * grid[1], ratio, name)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def check_model_config(model_config, **mask_ratios):
+  """ConfigError for a model config no run could build, or for a named mask ratio
+  (e.g. mask_ratio=0.5) that this model would use and that masks nothing."""
+  _check_masking(_resolve(model_config), **mask_ratios)
 
 
 def build_model(model_config):

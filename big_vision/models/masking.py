@@ -31,10 +31,50 @@ def num_kept(num_tokens, mask_ratio):
   return max(1, int(np.floor(round(num_tokens * (1.0 - mask_ratio), 6))))
 
 
+def _masks_none(name, mask_ratio, count, unit, detail, fix):
+  """The error for a non-zero ratio that masks no `unit`: the caller's masked-patch loss
+  would silently be 0."""
+  if count < 2:
+    fix = f"one {unit} must stay visible, so none can be masked; use {name}=0 or {fix}"
+  return ValueError(f"{name}={mask_ratio} masks none of the {count} {unit}s{detail}; {fix}")
+
+
+def masked_tokens(num_tokens, mask_ratio, name="mask_ratio"):
+  """Tokens random masking hides: N - num_kept. A non-zero ratio must hide one."""
+  masked = num_tokens - num_kept(num_tokens, mask_ratio)
+  if not masked and mask_ratio > 0:
+    # Rounded down, so that it is not a hair above 1/N (which can mask two).
+    raise _masks_none(name, mask_ratio, num_tokens, "token", "",
+                      f"1/{num_tokens} = {math.floor(1e6 / num_tokens) / 1e6:g} masks one"
+                      if num_tokens > 1 else "smaller patches")
+  return masked
+
+
+def masked_blocks(grid_hw, mask_ratio, block_size, name="mask_ratio"):
+  """Blocks of block_size x block_size patches that block masking hides:
+  floor(num_blocks * ratio). The block size must divide the patch grid, and a non-zero
+  ratio must hide one block."""
+  check_mask_ratio(mask_ratio)
+  gh, gw = grid_hw
+  if block_size < 1 or gh % block_size or gw % block_size:
+    raise ValueError(f"mask_block_size={block_size} does not divide the patch grid "
+                     f"{gh}x{gw}; use a divisor of both")
+  bh, bw = gh // block_size, gw // block_size
+  num_blocks = bh * bw
+  masked = int(np.floor(round(num_blocks * mask_ratio, 6)))
+  if not masked and mask_ratio > 0:
+    smallest = math.ceil(1e6 / num_blocks) / 1e6  # Rounded up: still masks one block.
+    raise _masks_none(name, mask_ratio, num_blocks, "block",
+                      f" ({bh}x{bw} blocks of {block_size}x{block_size} patches)",
+                      f"the smallest ratio that masks one block is 1/{num_blocks} = "
+                      f"{smallest:g}" if num_blocks > 1 else "a smaller mask_block_size")
+  return masked
+
+
 def random_masking(rng, batch_size, num_tokens, mask_ratio):
   """Masks a uniformly random subset of exactly N - num_kept tokens in each image."""
-  keep = num_kept(num_tokens, mask_ratio)
-  if keep == num_tokens:
+  keep = num_tokens - masked_tokens(num_tokens, mask_ratio)
+  if keep == num_tokens:  # mask_ratio = 0.
     return no_masking(batch_size, num_tokens)
   noise = jax.random.uniform(rng, (batch_size, num_tokens))
   rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
@@ -46,31 +86,21 @@ def random_masking(rng, batch_size, num_tokens, mask_ratio):
 def block_masking(rng, batch_size, grid_hw, mask_ratio, block_size):
   """Masks whole blocks of block_size x block_size patches (MaskDM's strategy).
 
-  The number of masked blocks is floor(num_blocks * mask_ratio), so the kept count is
-  the same for every image. The patch grid must be divisible by the block size, and a
-  non-zero ratio must mask at least one block.
+  The number of masked blocks is masked_blocks(...), so the kept count is the same for
+  every image.
   """
-  check_mask_ratio(mask_ratio)
   gh, gw = grid_hw
-  if gh % block_size or gw % block_size:
-    raise ValueError(f"block size {block_size} does not divide the patch grid {gh}x{gw}")
+  masked = masked_blocks(grid_hw, mask_ratio, block_size)
+  if not masked:  # mask_ratio = 0.
+    return no_masking(batch_size, gh * gw)
   bh, bw = gh // block_size, gw // block_size
   num_blocks = bh * bw
-  masked_blocks = int(np.floor(round(num_blocks * mask_ratio, 6)))
-  if masked_blocks == 0:
-    if mask_ratio > 0:  # Else the caller's masked-patch loss would silently be 0.
-      smallest = math.ceil(1e6 / num_blocks) / 1e6  # Rounded up: still masks one block.
-      raise ValueError(
-          f"mask_ratio={mask_ratio} masks none of the {num_blocks} blocks ({bh}x{bw} blocks "
-          f"of {block_size}x{block_size} patches); the smallest ratio that masks one block "
-          f"is 1/{num_blocks} = {smallest:g}")
-    return no_masking(batch_size, gh * gw)
   noise = jax.random.uniform(rng, (batch_size, num_blocks))
   rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
-  block_mask = (rank < masked_blocks).astype(jnp.float32).reshape(batch_size, bh, 1, bw, 1)
+  block_mask = (rank < masked).astype(jnp.float32).reshape(batch_size, bh, 1, bw, 1)
   mask = jnp.broadcast_to(block_mask, (batch_size, bh, block_size, bw, block_size))
   mask = mask.reshape(batch_size, gh * gw)
-  keep = gh * gw - masked_blocks * block_size * block_size
+  keep = gh * gw - masked * block_size * block_size
   order = jnp.argsort(mask, axis=1, stable=True).astype(jnp.int32)
   return Masking(order[:, :keep], mask, jnp.argsort(order, axis=1).astype(jnp.int32))
 
