@@ -16,6 +16,8 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 from big_vision import checkpointing
 from big_vision import config_cli
@@ -114,6 +116,20 @@ def _check_resumed_config(config, workdir, log):
         "parameters)")
   if changed:
     log(f"WARNING: resuming {workdir} with a changed config: {'; '.join(map(show, changed))}")
+
+
+def _missing_at(evals, workdir, step):
+  """The evals without results at `step` in metrics.jsonl. Process 0 reads it (another
+  host may have no copy of a local workdir) and tells the others: their loops are
+  collective, so all must run the same evals."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  missing = np.ones(len(evals), bool)
+  if jax.process_index() == 0 and fileio.exists(path):
+    done = {k for r in visualize.read_metrics(path) if r.get("step") == step for k in r}
+    missing = np.array([f"{e.name}/seconds" not in done for e in evals], bool)
+  if jax.process_count() > 1:
+    missing = multihost_utils.broadcast_one_to_all(missing)
+  return [e for e, m in zip(evals, missing) if m]
 
 
 def train(config, workdir):
@@ -275,6 +291,9 @@ def train(config, workdir):
         progress.restart(step)
 
     # The end: final checkpoint and pictures.
+    if total_steps == start_step:  # Resumed at the end: evals an interruption cut short.
+      eval_common.run_due(_missing_at(evals, workdir, total_steps), total_steps,
+                          total_steps, state, writer, log)
     if total_steps > start_step:
       writer.flush()
       ckpt.save(total_steps, state, _data_position(total_steps, batch_size))

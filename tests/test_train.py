@@ -133,6 +133,30 @@ def test_resume_with_another_seed_or_state_is_said_or_refused(tmp_path):
     train._check_resumed_config(fmnist_config("/data", "variant=Mu/7"), workdir, print)
 
 
+def test_a_run_stopped_in_its_final_evals_runs_them_when_started_again(data_dir, tmp_path):
+  config = fmnist_config(data_dir, "total_steps=1", overrides_with_evals=("evals",))
+  config.evals = ml_collections.ConfigDict(dict(
+      val=dict(type="diffusion_loss", split="test[:32]", batch_size=32),
+      val2=dict(type="diffusion_loss", split="test[32:64]", batch_size=32)))
+  workdir = str(tmp_path / "run")
+  train.train(config, workdir)
+  first = read_metrics(workdir)
+  # Stopped during the final evals: val's results were written, val2's not.
+  kept = [r for r in first if not any(k.startswith("val2/") for k in r)]
+  assert len(kept) == len(first) - 1
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+  train.train(config, workdir)
+  again = read_metrics(workdir)
+  assert again[:-1] == kept
+  val2 = {k: v for r in first for k, v in r.items()
+          if k.startswith("val2/") and not k.endswith("seconds")}
+  assert {k: v for k, v in again[-1].items() if not k.endswith("seconds")} == pytest.approx(
+      dict(val2, step=1))  # The same results: the same final parameters.
+  train.train(config, workdir)  # Nothing missing: nothing runs again.
+  assert read_metrics(workdir) == again
+
+
 class FakeCheckpointer:
 
   def __init__(self, extra):
