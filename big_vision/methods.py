@@ -125,7 +125,13 @@ def check_config(config):
   _check_ratio("mask_ratio", config.mask_ratio)
   _check_ratio("mask_ratio_no_noise", config.mask_ratio_no_noise)
   _check_ratio("no_noise_prob", config.no_noise_prob, upper_inclusive=True)
-  ae.check_model_config(config.model)
+  # The mask ratios the run's branches use must each mask something on this patch grid.
+  ratios = {}
+  if config.no_noise_prob > 0:
+    ratios["mask_ratio_no_noise"] = config.mask_ratio_no_noise
+  if config.no_noise_prob < 1:
+    ratios["mask_ratio"] = config.mask_ratio
+  ae.check_model_config(config.model, **ratios)
   batch_size = config.get("batch_size")
   if batch_size is None and config.get("input") is not None:
     batch_size = config.input.get("batch_size")

@@ -88,3 +88,13 @@ def test_checkpoints_of_a_bucket_workdir_stay_in_the_bucket(monkeypatch, tmp_pat
   checkpointing.Checkpointer("gs://bucket/umd_b4")
   checkpointing.Checkpointer("rel/run")
   assert seen == ["gs://bucket/umd_b4/checkpoints", str(tmp_path / "rel/run/checkpoints")]
+
+
+def test_a_mask_ratio_that_masks_nothing_on_this_grid_is_a_config_error():
+  # One 28x28 patch: 0.75 of one token masks none (the clean loss would be exactly 0).
+  config, _ = config_cli.load_from_argv(["--config=configs/ae_fmnist.py:variant=Mu/28"])
+  with pytest.raises(ConfigError, match=r"mask_ratio_no_noise=0.75 masks none of the 1 tokens"):
+    train.check_trainable(config)
+  # DiT masks nothing on purpose (mask_ratio 0), and never uses the clean ratio.
+  config, _ = config_cli.load_from_argv(["--config=configs/ae_fmnist.py:variant=Mu/28,method=dit"])
+  train.check_trainable(config)
