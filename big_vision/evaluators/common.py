@@ -6,9 +6,10 @@
   every_steps / every_epochs: how often (also run at the end of training)
   use_ema:     evaluate the EMA parameters when the run keeps them (default True)
   data, pp, batch_size: its own data (default: the training dataset's eval split)
-  ...:         the evaluator's own options.
+  ...:         the evaluator's own options (another name is a config error listing them).
 Each evaluator is `Evaluator(context, **options)` with `run(params, step)` yielding
-(metric name, value); names are prefixed with the eval's name in metrics.jsonl.
+(metric name, value); names are prefixed with the eval's name in metrics.jsonl, and its
+images are named after it too (context.name; see image_path).
 
 Long loops inside evaluators report their progress with `Progress` (at most one line every
 PROGRESS_EVERY_S seconds, on process 0 only), through the log given to `run_due`.
@@ -16,7 +17,9 @@ PROGRESS_EVERY_S seconds, on process 0 only), through the log given to `run_due`
 import contextlib
 import dataclasses
 import importlib
+import inspect
 import math
+import os
 import time
 from typing import Any
 
@@ -29,6 +32,7 @@ from jax.experimental import multihost_utils
 from big_vision import input_pipeline
 from big_vision import metric_writer
 from big_vision.config_parsing import ConfigError
+from big_vision.config_parsing import is_int
 
 TYPES = ("fewshot", "diffusion_loss", "reconstruction", "sampling", "inpainting")
 _FRAMEWORK_KEYS = ("type", "every_steps", "every_epochs", "use_ema")
@@ -115,6 +119,7 @@ class Context:
   workdir: str
   mesh: Any
   data_sharding: Any
+  name: str = ""  # The eval's name in config.evals (build sets it): names its images.
 
   @property
   def is_main(self):
@@ -148,9 +153,14 @@ def build(config, context, num_train, batch_size, log=print):
       every = max(1, int(math.ceil(spec["every_epochs"] * num_train / batch_size)))
     module = importlib.import_module(f"big_vision.evaluators.{kind}")
     options = {k: v for k, v in spec.items() if k not in _FRAMEWORK_KEYS}
+    allowed = [k for k in inspect.signature(module.Evaluator).parameters if k != "context"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:  # Else a TypeError traceback from the constructor.
+      raise ConfigError(f"evals.{name}: unknown option {unknown[0]!r} for type {kind!r}; "
+                        f"allowed: {', '.join(sorted([*allowed, *_FRAMEWORK_KEYS]))}")
     evaluator, missing = None, None
     try:
-      evaluator = module.Evaluator(context, **options)
+      evaluator = module.Evaluator(dataclasses.replace(context, name=name), **options)
     except FileNotFoundError as e:
       missing = e
     except ValueError as e:  # A bad option: one line naming the eval, before training.
@@ -206,6 +216,18 @@ def eval_input_config(context, data=None, pp=None, batch_size=None, split=None):
                       f"the eval batches are sharded over; use a multiple of {n}")
   return dict(data=data, pp=pp or cfg.get("pp_eval") or cfg.input.pp,
               batch_size=int(batch_size))
+
+
+def check_int(name, value, low, why=""):
+  """ValueError naming the option unless value is an int >= low (why: what needs that)."""
+  if not (is_int(value) and value >= low):
+    raise ValueError(f"{name}={value!r} must be an int >= {low}{why}")
+
+
+def image_path(context, stem, step):
+  """workdir/images/{stem}_{step}.png; evaluators take the stem from the eval's name
+  (context.name), so two evals of one type keep their own pictures."""
+  return os.path.join(context.workdir, "images", f"{stem}_{step:07d}.png")
 
 
 def device_multiple(context, batch_size):

@@ -45,6 +45,16 @@ class FeatureNet:
     return np.concatenate(feats), np.concatenate(probs)
 
 
+def check_spec(spec):
+  """ValueError unless spec is feature_net's dict(kind=..., weights=...), nothing else."""
+  want = f"dict(kind=..., weights=PATH) with kind one of {', '.join(KINDS)}"
+  if not hasattr(spec, "keys"):
+    raise ValueError(f"feature_net={spec!r} must be {want}")
+  if set(spec.keys()) != {"kind", "weights"}:
+    raise ValueError(f"feature_net has keys {', '.join(sorted(spec.keys())) or 'none'}; it "
+                     f"must be {want}")
+
+
 def load(kind, weights):
   """FeatureNet for `kind`; a missing weights file raises FileNotFoundError saying why."""
   if kind == "fmnist_classifier":

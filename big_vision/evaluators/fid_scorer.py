@@ -32,6 +32,7 @@ class Scorer:
 
   def __init__(self, context, feature_net, reference_cfg, max_reference=10_000,
                cache_dir=None):
+    feature_nets.check_spec(feature_net)
     # Loaded now, so a missing weights file is reported before any training.
     self.net = feature_nets.load(feature_net["kind"], feature_net["weights"])
     model = context.model

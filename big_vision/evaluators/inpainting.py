@@ -4,11 +4,11 @@ input at every step (so it always agrees with it), then pasted back at the end.
 
 Compared with the one-step x0 prediction from the clean masked input (what MAE gives).
 Metrics: masked-region MSE and PSNR (images in [-1, 1], PSNR = 10 log10(4 / MSE)) of both,
-and FID of the completed images when a feature network is given. A PNG grid shows masked
-input, one-step x0, diffusion inpainting and the original.
+and FID of the completed images when a feature network is given. A PNG grid
+(images/{eval name}_{step}.png) shows masked input, one-step x0, diffusion inpainting and
+the original. The masks are those the model was trained with: whole blocks for a model with
+masking="block", else random patches.
 """
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,22 +51,28 @@ class Evaluator:
   """Yields masked_mse, masked_psnr, onestep_masked_mse, onestep_masked_psnr, fid{_net}."""
 
   def __init__(self, context, mask_ratio=0.5, sampling_timesteps=None, eta=1.0,
-               max_examples=256, batch_size=64, split=None, data=None, pp=None,
+               max_examples=256, batch_size=None, split=None, data=None, pp=None,
                feature_net=None, reference_split="test", max_reference=10_000,
                cache_dir=None, num_images=8):
     masking_lib.check_mask_ratio(mask_ratio)
     if not mask_ratio:
       raise ValueError("inpainting needs mask_ratio > 0")
+    model, diffusion = context.model, context.diffusion
+    block_size = model.mask_block_size if model.masking == "block" else None
+    if block_size:  # Now, not at the first eval: the block size must divide the grid.
+      masking_lib.masked_blocks(model.grid, mask_ratio, block_size)
     cfg = context.config
     self.context, self.max_examples, self.num_images = context, max_examples, num_images
-    self.input_cfg = common.eval_input_config(context, data, pp, batch_size, split)
+    # The default (64) rounded up to the devices, as sampling's; a batch_size given must
+    # divide over them.
+    self.input_cfg = common.eval_input_config(
+        context, data, pp, batch_size or common.device_multiple(context, 64), split)
     self.scorer = None
     if feature_net:  # Reference statistics are cached and shared with the sampling eval.
       self.scorer = fid_scorer.Scorer(
           context, feature_net, common.eval_input_config(
               context, data, pp, common.device_multiple(context, 500), reference_split),
           max_reference, cache_dir)
-    model, diffusion = context.model, context.diffusion
     # eta stays 1 unless given, not config.diffusion.eta: re-noising the visible region at
     # every step needs stochastic steps to blend it with the generated one (as RePaint).
     steps = int(sampling_timesteps or cfg.diffusion.sampling_timesteps)
@@ -75,7 +81,10 @@ class Evaluator:
     def run_batch(params, images, key):
       b = images.shape[0]
       key_mask, key_inpaint = jax.random.split(key)
-      m = masking_lib.random_masking(key_mask, b, model.num_patches, mask_ratio)
+      if block_size:
+        m = masking_lib.block_masking(key_mask, b, model.grid, mask_ratio, block_size)
+      else:
+        m = masking_lib.random_masking(key_mask, b, model.num_patches, mask_ratio)
       pixel_mask = masking_lib.mask_to_pixels(m.mask, model.grid, model.patch_size)
       onestep = model.apply({"params": params}, images, jnp.zeros((b,), jnp.int32),
                             masking=m)["x0"]
@@ -104,8 +113,8 @@ class Evaluator:
                                                 out["inpainted"], batch["image"])]
     parts = {k: np.concatenate(v) for k, v in parts.items()}
     if self.context.is_main and grid is not None:
-      visualize.image_grid(grid, os.path.join(self.context.workdir, "images",
-                                              f"inpainting_{step:07d}.png"),
+      visualize.image_grid(grid, common.image_path(self.context,
+                                               self.context.name or "inpainting", step),
                            row_names=["masked input", "one-step x0", "diffusion inpainting",
                                       "original"])
     for prefix, key in (("", "mse"), ("onestep_", "onestep_mse")):

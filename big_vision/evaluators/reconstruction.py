@@ -1,10 +1,10 @@
 """Masked reconstruction of clean validation images: MSE and PSNR on masked pixels, and a
-PNG grid (original, masked input, reconstruction).
+PNG grid (original, masked input, reconstruction): images/val_{eval name}_{step}.png
+("val_" apart from the trainer's images/reconstruction_{step}.png of training images), or
+images/{name}_{step}.png when `name` is given.
 
 PSNR is computed on images in [-1, 1] (peak-to-peak 2): 10 log10(4 / MSE).
 """
-import os
-
 import jax
 import jax.numpy as jnp
 
@@ -16,10 +16,10 @@ from big_vision.models import masking as masking_lib
 
 
 class Evaluator:
-  """Yields masked_mse, masked_psnr (and writes images/{name}_{step}.png)."""
+  """Yields masked_mse, masked_psnr (and writes its PNG grid)."""
 
   def __init__(self, context, mask_ratio=None, data=None, pp=None, batch_size=None,
-               split=None, max_examples=2000, num_images=8, name="val_reconstruction"):
+               split=None, max_examples=2000, num_images=8, name=None):
     cfg = context.config
     if mask_ratio is None:  # The masking the model was trained to fill in.
       mask_ratio = cfg.mask_ratio_no_noise if cfg.no_noise_prob > 0 else cfg.mask_ratio
@@ -27,6 +27,8 @@ class Evaluator:
       raise ValueError("reconstruction needs mask_ratio > 0 (the config masks nothing)")
     masking_lib.check_mask_ratio(mask_ratio)  # Now, not at the first eval mid-training.
     self.context, self.mask_ratio, self.name = context, float(mask_ratio), name
+    if name is None:
+      self.name = "val_" + (context.name or "reconstruction")
     self.input_cfg = common.eval_input_config(context, data, pp, batch_size, split)
     self.max_examples, self.num_images = max_examples, num_images
     model = context.model
@@ -58,7 +60,7 @@ class Evaluator:
                                                  r["reconstruction"])]
     if self.context.is_main and first is not None:
       visualize.image_grid(
-          first, os.path.join(self.context.workdir, "images", f"{self.name}_{step:07d}.png"),
+          first, common.image_path(self.context, self.name, step),
           row_names=["original", f"input, {self.mask_ratio:.0%} masked", "reconstruction"])
     yield "masked_mse", mse / count
     yield "masked_psnr", psnr / count

@@ -1,17 +1,17 @@
 """Samples from the model: PNG grids, and FID / Inception Score against real data.
 
 Unconditional samples for every model; for class-conditional models, samples with
-classifier-free guidance at each of `guidance_scales` (1 = plain conditional; default
-(1,); an unconditional model given scales is a config error). DDIM (eta)
-or DDPM with `sampling_timesteps` respaced steps, each batch one compiled program; eta
-and the steps default to config.diffusion's.
+classifier-free guidance at each of `guidance_scales` (1 = plain conditional, sampled
+without the unconditional half; default (1,); an unconditional model given scales is a
+config error). DDIM (eta) or DDPM with `sampling_timesteps` respaced steps, each batch one
+compiled program; eta and the steps default to config.diffusion's.
 FID/IS use a feature network (feature_nets.py); the reference statistics of the real
 split are cached on disk (keyed as in fid_scorer.py, weights file included). The
 real-vs-real floor (`floor_split` images against the reference) is logged beside them:
 a model cannot be expected to beat it with this many samples.
+PNG grids of the first `num_grid` samples (0: none), images/{eval name}_{uncond|cfgS}_{step}.
 """
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,11 @@ class Evaluator:
                cache_dir=None, data=None, pp=None, num_grid=64, seed=0):
     if sampler not in SAMPLERS:
       raise ValueError(f"sampling: unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+    # Checked now: these failed only at the eval's first run (the final one loses FID).
+    common.check_int("num_samples", num_samples, 2 if feature_net else 1,
+                     " (FID needs two samples for a covariance)" if feature_net else "")
+    common.check_int("batch_size", batch_size, 1)
+    common.check_int("num_grid", num_grid, 0, " (0: no grid)")
     cfg = context.config
     # eta, like the steps, defaults to the diffusion section's (as the benchmark samples).
     if eta is None:
@@ -91,6 +96,8 @@ class Evaluator:
     """num_samples images in [-1, 1]; labels cycle through the classes when conditional."""
     out = []
     tag = "uncond" if not conditional else "cond" if scale is None else f"cfg{scale:g}"
+    if scale == 1:  # eps_uncond + 1 (eps_cond - eps_uncond): the conditional eps alone,
+      scale = None  # without guidance's doubled [cond, null] batch at every step.
     progress = common.Progress(f"samples {tag}", self.num_samples)
     for i in range(-(-self.num_samples // self.batch_size)):
       rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), i)
@@ -101,13 +108,13 @@ class Evaluator:
     return np.clip(np.concatenate(out)[:self.num_samples], -1.0, 1.0)
 
   def _grid(self, images, step, tag):
-    if not self.context.is_main:
+    if not self.context.is_main or not self.num_grid:
       return
     n = min(self.num_grid, len(images))
     per_row = int(np.ceil(np.sqrt(n)))
     rows = [images[i:i + per_row] for i in range(0, n, per_row)]
-    visualize.image_grid(rows, os.path.join(self.context.workdir, "images",
-                                            f"samples_{tag}_{step:07d}.png"))
+    visualize.image_grid(rows, common.image_path(
+        self.context, f"{self.context.name or 'samples'}_{tag}", step))
 
   def run(self, params, step):
     runs = [("uncond", None, False)]
