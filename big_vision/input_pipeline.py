@@ -155,12 +155,29 @@ def _with_example_seeds(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
           ex, tf.random.experimental.stateless_fold_in(base, i)))
 
 
-def _preprocess(pp_fn):
+def _preprocess(pp):
+  """The example -> example function of a pp string (an unknown op: a ConfigError)."""
+  try:
+    pp_fn = pp_builder.get_preprocess_fn(pp)
+  except ValueError as e:
+    raise ConfigError(f"pp={pp!r}: {e}") from None
+
   def _pp(data):
     data = pp_fn(data)
     data.pop(rng.SEED_KEY, None)  # Unless `keep` already dropped it.
     return data
   return _pp
+
+
+def _map_pp(ds, fn, pp):
+  """ds.map(fn). The map traces the pp once, here: an op that fails on the dataset's
+  features (a key it lacks, an encoded image) is a one-line ConfigError."""
+  try:
+    return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+  except (KeyError, ValueError, TypeError) as e:
+    features = sorted(k for k in ds.element_spec if k != rng.SEED_KEY)
+    why = e.args[0] if isinstance(e, KeyError) and e.args else e
+    raise ConfigError(f"pp={pp!r} fails on the features {features}: {why}") from None
 
 
 def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -186,7 +203,7 @@ def training(input_config, *, seed: int | None = None, skip_batches: int = 0
   seed = cfg.get("seed", 0) if seed is None else seed
   builder = get_dataset_builder(cfg.data.name, cfg.data.get("data_dir"))
   num_examples = builder.info.splits[cfg.data.split].num_examples
-  pp_fn = pp_builder.get_preprocess_fn(cfg.pp)  # Fail early on a bad pp.
+  pp = _preprocess(cfg.pp)  # Fail early on a bad pp.
 
   split = shard_split(cfg.data.split, jax.process_index(), jax.process_count())
   ds = _read(builder, split, shuffle_files=True, seed=seed,
@@ -200,7 +217,7 @@ def training(input_config, *, seed: int | None = None, skip_batches: int = 0
   ds = _with_example_seeds(ds, seed)
   if skip_batches:
     ds = ds.skip(skip_batches * local_bs)  # Skips before the costly pp.
-  ds = ds.map(_preprocess(pp_fn), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _map_pp(ds, pp, cfg.pp)
   ds = ds.batch(local_bs, drop_remainder=True)
   ds = ds.prefetch(cfg.get("prefetch", 2))
   return _deterministic(ds), num_examples
@@ -230,7 +247,7 @@ def evaluation(input_config) -> tuple[tf.data.Dataset, int]:
   local_bs = _local_batch_size(cfg.batch_size)
   count, index = jax.process_count(), jax.process_index()
   builder = get_dataset_builder(cfg.data.name, cfg.data.get("data_dir"))
-  pp_fn = pp_builder.get_preprocess_fn(cfg.pp)
+  pp = _preprocess(cfg.pp)
 
   splits = [shard_split(cfg.data.split, i, count) for i in range(count)]
   sizes = [builder.info.splits[s].num_examples for s in splits]
@@ -241,9 +258,7 @@ def evaluation(input_config) -> tuple[tf.data.Dataset, int]:
   if cfg.get("cache_raw", False):
     ds = ds.cache()
   ds = _with_example_seeds(ds, cfg.get("seed", 0))  # In case pp is random.
-  pp = _preprocess(pp_fn)
-  ds = ds.map(lambda ex: {**pp(ex), MASK_KEY: tf.constant(True)},
-              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _map_pp(ds, lambda ex: {**pp(ex), MASK_KEY: tf.constant(True)}, cfg.pp)
   ds = ds.concatenate(_padding(ds.element_spec).map(
       lambda ex: {**ex, MASK_KEY: tf.constant(False)}))
   ds = ds.take(num_batches * local_bs).batch(local_bs, drop_remainder=True)

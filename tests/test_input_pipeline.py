@@ -19,6 +19,7 @@ from PIL import Image
 
 import big_vision.datasets as bv_datasets
 from big_vision import input_pipeline
+from big_vision.config_parsing import ConfigError
 
 NUM_FOLDER_IMAGES = 23  # Odd on purpose: uneven process shards.
 FASHION_PP = ('decode(1)|value_range(-1, 1)|onehot(10, key_result="labels")'
@@ -95,7 +96,6 @@ def test_get_dataset_builder_unknown_name(tmp_path):
 
 def test_get_dataset_builder_unknown_name_is_a_config_error(tmp_path):
   # A ConfigError: train.py's main prints it as one line, without a traceback.
-  from big_vision.config_parsing import ConfigError
   with pytest.raises(ConfigError) as e:
     input_pipeline.get_dataset_builder("imagenet2021", str(tmp_path))
   msg = str(e.value)
@@ -188,6 +188,21 @@ def test_pp_without_decode_and_skip_decode(fashion_dir):
   config.data.skip_decode = ("label",)
   with pytest.raises(ValueError, match=r"not image features.*\['image'\]"):
     input_pipeline.training(config)
+
+
+@pytest.mark.parametrize("pp,message", [
+    ("valu_range(-1, 1)|keep('image', 'label')",
+     r"pp=\"valu_range\(-1, 1\)\|keep\('image', 'label'\)\": Unknown preprocessing op "
+     r"'valu_range'"),
+    ("value_range(-1, 1)|keep('image', 'lable')",
+     r"pp=.* fails on the features \['image', 'label'\]: .*keep: example has no key\(s\) "
+     r"\['lable'\]"),
+])
+def test_a_bad_pp_is_one_config_error_when_the_pipeline_is_built(fashion_dir, pp, message):
+  config = make_config("fashion_mnist_local", "test[:40]", fashion_dir, pp, batch_size=8)
+  for build in (input_pipeline.training, input_pipeline.evaluation):
+    with pytest.raises(ConfigError, match=message):
+      build(config)
 
 
 def test_cache_raw_gives_the_same_stream(fashion_dir):
