@@ -155,6 +155,14 @@ def _with_example_seeds(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
           ex, tf.random.experimental.stateless_fold_in(base, i)))
 
 
+def num_classes(data_config) -> int | None:
+  """Classes of the dataset's `label` feature (a ClassLabel); None when it has none."""
+  builder = get_dataset_builder(data_config.name, data_config.get("data_dir"), prepare=False)
+  features = builder.info.features
+  label = features["label"] if "label" in features.keys() else None
+  return label.num_classes if isinstance(label, tfds.features.ClassLabel) else None
+
+
 def _preprocess(pp):
   """The example -> example function of a pp string (an unknown op: a ConfigError)."""
   try:

@@ -118,6 +118,18 @@ def _check_resumed_config(config, workdir, log):
     log(f"WARNING: resuming {workdir} with a changed config: {'; '.join(map(show, changed))}")
 
 
+def _check_classes(config):
+  """A class-conditional model needs an embedding row for every label of the dataset:
+  label num_classes is the null class, and beyond it the lookup reads garbage (nan)."""
+  model_classes = config.model.get("num_classes") or 0
+  if not model_classes:
+    return
+  classes = input_pipeline.num_classes(config.input.data)
+  if classes is not None and classes > model_classes:
+    raise ConfigError(f"dataset {config.input.data.name!r} has {classes} classes but "
+                      f"model.num_classes={model_classes}; set it to {classes}")
+
+
 def _missing_at(evals, workdir, step):
   """The evals without results at `step` in metrics.jsonl. Process 0 reads it (another
   host may have no copy of a local workdir) and tells the others: their loops are
@@ -142,6 +154,7 @@ def train(config, workdir):
   mesh = sharding.make_mesh()
   batch_size = config.input.batch_size
   sharding.check_batch(batch_size, mesh)
+  _check_classes(config)
   ckpt = checkpointing.Checkpointer(workdir)
   resume_step = ckpt.latest_step()
   if resume_step is not None:

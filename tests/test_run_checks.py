@@ -98,3 +98,14 @@ def test_a_mask_ratio_that_masks_nothing_on_this_grid_is_a_config_error():
   # DiT masks nothing on purpose (mask_ratio 0), and never uses the clean ratio.
   config, _ = config_cli.load_from_argv(["--config=configs/ae_fmnist.py:variant=Mu/28,method=dit"])
   train.check_trainable(config)
+
+
+def test_a_dataset_with_more_classes_than_the_model_is_a_config_error(data_dir, tmp_path):
+  from tests.test_train import fmnist_config
+  config = fmnist_config(data_dir, "total_steps=1,use_labels=True")
+  assert config.model.num_classes == 10  # Fashion-MNIST's ten: fine.
+  train._check_classes(config)
+  config.model.num_classes = 9  # Label 9 would be the null class.
+  with pytest.raises(ConfigError, match=r"dataset 'fashion_mnist_local' has 10 classes but "
+                                        r"model.num_classes=9; set it to 10"):
+    train.train(config, str(tmp_path / "run"))
