@@ -76,3 +76,85 @@ def test_step_and_sampler_need_no_tensorflow():
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
   assert result.returncode == 0 and "ok True" in result.stdout, result.stderr[-2000:]
+
+
+def test_grad_accumulation_does_not_divide_the_flop_count():
+  """Accumulation is a scan over micro-batches, whose body XLA counts once: the count is
+  taken without it."""
+  options = "variant=Mu/4,batch_size=8,evals=False"
+  config = ae_fmnist.get_config(options)
+  accum = ae_fmnist.get_config(options + ",grad_accum=4")
+  assert benchmark._is_plain(config) and not benchmark._is_plain(accum)
+  assert benchmark.flops_per_image(accum) == pytest.approx(benchmark.flops_per_image(config),
+                                                           rel=1e-3)
+
+
+@pytest.mark.parametrize("kind,peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA A10", 125e12), ("NVIDIA A10G", None), ("Some New GPU", None),
+])
+def test_gpu_peak_matches_whole_model_names(kind, peak):
+  assert benchmark.gpu_peak(kind) == peak
+
+
+def test_unknown_accelerator_has_no_peak(monkeypatch):
+  class Device:
+    platform, device_kind = "gpu", "NVIDIA A10G"
+  monkeypatch.setattr(benchmark.jax, "devices", lambda: [Device()])
+  peak, why = benchmark.device_peak()
+  assert peak is None and "no known peak for 'NVIDIA A10G'" in why
+
+
+@pytest.mark.parametrize("adaln", [True, False])
+def test_condition_flops_count_the_condition_layers(adaln):
+  """2 FLOPs per weight of every Dense layer that takes the condition (encoder width, here
+  twice the decoder's), once per image."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from big_vision.models import ae  # pylint: disable=g-import-not-at-top
+  config = ae_fmnist.get_config(f"variant=Ti/4,adaln={adaln},evals=False")
+  model = ae.build_model(config.model)
+  assert model.width != model.decoder_width
+  shapes = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.PRNGKey(0), "mask": jax.random.PRNGKey(1)},
+      jnp.zeros((1, 28, 28, 1)), jnp.zeros(1, jnp.int32)))["params"]
+  names = ("adaln_modulation", "final_modulation", "decoder_cond")
+  weights = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(shapes)
+                if path[-1].key == "kernel" and any(n in jax.tree_util.keystr(path)
+                                                    for n in names))
+  assert weights and benchmark.condition_flops_per_image(model) == 2 * weights
+
+
+def test_without_tensorflow_evals_are_skipped_and_json_is_written_on_failure(tmp_path):
+  """No TensorFlow: the evals are skipped with the reason; a part that fails still leaves
+  the JSON of what was measured before it (and the error); an accelerator of unknown peak
+  gets no share of peak."""
+  code = ("import json, sys\n"
+          "class Block:\n"
+          "  def find_spec(self, name, path=None, target=None):\n"
+          "    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'wandb'):\n"
+          "      raise ImportError('blocked ' + name)\n"
+          "sys.meta_path.insert(0, Block())\n"
+          "from big_vision.tools import benchmark\n"
+          "from configs import ae_i1k\n"
+          "benchmark.device_peak = lambda: (None, 'no known peak for X')\n"
+          "c = ae_i1k.get_config('variant=Mu/4,size=16,batch_size=4,sampling_timesteps=2')\n"
+          f"path = {str(tmp_path / 'b.json')!r}\n"
+          "benchmark.run(c, steps=1, input_batches=1, sampling=False, out_path=path)\n"
+          "out = json.load(open(path))\n"
+          "print('evals', out['evals'].startswith('skipped: ') and 'blocked' in out['evals'])\n"
+          "print('peak', out['peak_flops'] is None and out['train']['fraction_of_peak'] is None)\n"
+          "def boom(*a, **k): raise RuntimeError('boom')\n"
+          "benchmark.bench_sampling = boom\n"
+          "try:\n"
+          "  benchmark.run(c, steps=1, input_batches=1, evals=False, out_path=path)\n"
+          "except RuntimeError:\n"
+          "  out = json.load(open(path))\n"
+          "  print('kept', out['train']['images_per_s'] > 0, out['error'])\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "evals True" in result.stdout and "peak True" in result.stdout, result.stdout
+  assert "kept True RuntimeError: boom" in result.stdout, result.stdout

@@ -4,11 +4,12 @@ r"""Measures where time goes: training step, sampling, input pipeline and evalua
 
 Training step: images/s and the median step time on synthetic batches (so the input
 pipeline does not interfere), compile time, peak memory, model FLOPs per image
-(forward + backward, from XLA's cost analysis of the same step compiled WITHOUT scan and
-rematerialisation, since XLA counts a scanned body once and remat adds recomputation),
-achieved FLOP/s and its share of the device's peak: on a CPU the fp32 matmul rate this
-command measures on the same machine in the same run; on a GPU the vendor's dense bf16
-figure. Sampling: images/s of the config's sampler. Input: images/s of the training
+(forward + backward, from XLA's cost analysis of the same step compiled WITHOUT scan,
+rematerialisation and gradient accumulation, since XLA counts a loop body once and remat
+adds recomputation), achieved FLOP/s and its share of the device's peak: on a CPU the fp32
+matmul rate this command measures on the same machine in the same run; on a GPU the
+vendor's dense bf16 figure (none for a GPU not in GPU_PEAKS, or another accelerator: no
+share of peak then). Sampling: images/s of the config's sampler. Input: images/s of the training
 pipeline alone. Evaluation: seconds of the few-shot probe and of FID on the config's
 sample count (when the feature network's weights exist).
 
@@ -22,6 +23,7 @@ sample count (when the feature network's weights exist).
 """
 import copy
 import json
+import re
 import resource
 import statistics
 import sys
@@ -44,8 +46,16 @@ from big_vision import train_step
 from big_vision.models import ae
 from big_vision.models import masking
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets, FLOP/s.
-GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+# Dense (not 2:4 sparse) bf16 tensor-core peaks from NVIDIA's data sheets, FLOP/s, keyed by
+# the words of jax's device_kind that name the model ("NVIDIA H100 PCIe" -> H100 PCIE). The
+# most specific first: an H100 PCIe or NVL is not an SXM (the plain "NVIDIA H100 80GB HBM3").
+# Whole words: "L4" is not "L40S", and "A10" is not "A10G" (no data sheet figure: unknown).
+GPU_PEAKS = (
+    (("H100", "PCIE"), 756e12), (("H100", "NVL"), 835e12), (("H100",), 989e12),
+    (("H200", "NVL"), 835e12), (("H200",), 989e12),
+    (("A100",), 312e12),  # SXM and PCIe alike.
+    (("L40S",), 362e12), (("L40",), 181e12), (("L4",), 121e12), (("A10",), 125e12),
+)
 
 
 def matmul_timer(n=2048, dtype=jnp.float32):
@@ -67,14 +77,25 @@ def matmul_peak(n=2048, dtype=jnp.float32, repeats=10):
   return statistics.median(rate() for _ in range(repeats))
 
 
+def gpu_peak(device_kind):
+  """The dense bf16 peak of one GPU of this device_kind (GPU_PEAKS), or None if unknown."""
+  words = set(re.split(r"[\s_-]+", device_kind.upper()))
+  for names, peak in GPU_PEAKS:
+    if words.issuperset(names):
+      return peak
+  return None
+
+
 def device_peak():
-  """(peak FLOP/s, how it was obtained)."""
+  """(peak FLOP/s or None where unknown, how it was obtained or why there is none)."""
   device = jax.devices()[0]
-  if device.platform == "gpu":
-    for name, peak in GPU_PEAKS.items():
-      if name in device.device_kind:
-        return peak * jax.device_count(), f"vendor dense bf16 peak of {device.device_kind}"
-  return matmul_peak() * jax.device_count(), "measured fp32 2048x2048 matmul rate"
+  if device.platform == "cpu":
+    return matmul_peak() * jax.device_count(), "measured fp32 2048x2048 matmul rate"
+  peak = gpu_peak(device.device_kind) if device.platform == "gpu" else None
+  if peak is None:  # An fp32 matmul is no peak for a bf16 step: better none than wrong.
+    return None, (f"no known peak for {device.device_kind!r} ({device.platform}); add its "
+                  "dense bf16 figure to benchmark.GPU_PEAKS")
+  return peak * jax.device_count(), f"vendor dense bf16 peak of {device.device_kind}"
 
 
 def peak_memory_bytes():
@@ -208,8 +229,7 @@ def analytic_flops_per_image(config):
   def blocks(tokens, width, mlp_dim, depth):
     per_token = 3 * width * width + width * width + 2 * width * mlp_dim  # qkv, proj, mlp.
     attention = 2 * tokens * tokens * width  # q.k^T and p.v
-    adaln = width * 6 * width if model.adaln else 0
-    return 2 * depth * (tokens * per_token + attention + adaln)
+    return 2 * depth * (tokens * per_token + attention)
 
   def forward(mask_ratio):
     kept = masking.num_kept(n, mask_ratio)
@@ -219,17 +239,21 @@ def analytic_flops_per_image(config):
     # embedding, head, and the time MLP (256 sinusoid features -> width -> width).
     other = 2 * (n * patch_in * d + (kept + cls) * d * dd + n * dd * 2 * patch_in
                  + 256 * d + d * d)
-    if model.adaln:
-      other += 2 * dd * 2 * dd  # Final modulation.
-    else:
-      other += 2 * d * dd  # Decoder condition.
-    return enc + dec + other
+    return enc + dec + other + condition_flops_per_image(model)
 
   b = config.input.batch_size
   n_clean, n_noised = objective.split_sizes(b, config.no_noise_prob)
   total = (n_clean * forward(config.mask_ratio_no_noise) if n_clean else 0) + (
       n_noised * forward(config.mask_ratio) if n_noised else 0)
   return 3 * total / b
+
+
+def condition_flops_per_image(model):
+  """Forward FLOPs per image of the Dense layers that take the condition (encoder width)."""
+  d, dd = model.width, model.decoder_width
+  if model.adaln:  # Each block's modulation (6 x its width), and the decoder's final one.
+    return 2 * d * (6 * d * model.depth + 6 * dd * model.decoder_depth + 2 * dd)
+  return 2 * d * dd  # The condition added to the decoder's tokens.
 
 
 def _xla_flops_per_image(lowered, batch_size, compiled=None):
@@ -250,16 +274,20 @@ def _xla_flops_per_image(lowered, batch_size, compiled=None):
   return None if count is None else count / batch_size
 
 
+# What flops_per_image takes out of a config: loops whose body XLA counts once (scanned
+# blocks, gradient accumulation's scan over micro-batches) and remat's recomputation.
+_PLAIN = {"model.scan": False, "model.remat_policy": "none", "grad_accum_steps": 1}
+
+
 def _is_plain(config):
-  return not config.model.scan and config.model.remat_policy == "none"
+  return (not config.model.scan and config.model.remat_policy == "none"
+          and config.get("grad_accum_steps", 1) == 1)
 
 
 def flops_per_image(config):
-  """XLA's forward + backward FLOPs per image of the step, unscanned and un-remat (None
-  where XLA cannot count them)."""
-  plain = copy.deepcopy(config)
-  plain.model.scan = False
-  plain.model.remat_policy = "none"
+  """XLA's forward + backward FLOPs per image of the step, unscanned, un-remat and without
+  gradient accumulation (None where XLA cannot count them)."""
+  plain = _override(config, _PLAIN)
   _, _, update, state, batch = _setup(plain)
   return _xla_flops_per_image(update.lower(state, batch), config.input.batch_size)
 
@@ -374,7 +402,12 @@ def bench_evals(config, model, diffusion, params):
 
 
 def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compare=False,
-        sampling=True, profile_steps=0, log=print):
+        sampling=True, profile_steps=0, log=print, out_path=None):
+  """Measures every part; returns the figures, also written as JSON to out_path if given.
+
+  The JSON is written even when a part fails (with the error under "error"): what was
+  measured before it is kept.
+  """
   device = jax.devices()[0]
   out = dict(device=device.device_kind, platform=device.platform,
              num_devices=jax.device_count(), batch_size=config.input.batch_size,
@@ -384,6 +417,28 @@ def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compa
              attention=config.model.get("attention", "xla"),
              one_model_call=config.get("one_model_call", True),
              host_allocator=host_allocator.active(), jax_version=jax.__version__)
+  try:
+    _measure(out, config, steps, sample_count, input_batches, evals, compare, sampling,
+             profile_steps, log)
+  except BaseException as e:
+    out["error"] = f"{type(e).__name__}: {e}"
+    raise
+  finally:
+    if out_path:
+      write_json(out, out_path)
+      log(f"wrote {out_path}")
+  return out
+
+
+def write_json(out, path):
+  with open(path, "w") as fh:
+    json.dump(out, fh, indent=2, default=float)
+
+
+def _measure(out, config, steps, sample_count, input_batches, evals, compare, sampling,
+             profile_steps, log):
+  """run's parts, each adding its figures to `out` as soon as it has them."""
+  device = jax.devices()[0]
   if out["platform"] == "cpu" and out["host_allocator"] == "glibc":
     log("note: glibc malloc; see big_vision/host_allocator.py (BV_JEMALLOC=0 was set, or "
         "jemalloc is not installed)")
@@ -399,15 +454,16 @@ def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compa
       config)
   analytic = analytic_flops_per_image(config)
   if xla:
-    fpi, source = xla, "XLA cost analysis, unscanned, no remat"
+    fpi, source = xla, "XLA cost analysis, unscanned, no remat, no grad accumulation"
   else:
     fpi, source = analytic, (f"analytic matmul count (XLA's cost analysis on {device.platform} "
                              "counts library matmuls as zero)")
   achieved = fpi * step["images_per_s"]
+  share = lambda flops: None if peak is None else flops / peak  # No peak: no share of it.
   out["train"].update(flops_per_image=fpi, flops_source=source, xla_flops_per_image=xla,
                       analytic_matmul_flops_per_image=analytic,
-                      achieved_flops=achieved, fraction_of_peak=achieved / peak,
-                      fraction_of_peak_analytic=analytic * step["images_per_s"] / peak)
+                      achieved_flops=achieved, fraction_of_peak=share(achieved),
+                      fraction_of_peak_analytic=share(analytic * step["images_per_s"]))
   if paired:
     rates = step.pop("between_steps")
     b, n = config.input.batch_size, jax.device_count()
@@ -419,8 +475,10 @@ def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compa
   log(f"train: {step['images_per_s']:.1f} img/s, step {step['step_s'] * 1e3:.1f} ms, "
       f"compile {step['compile_s']:.1f} s, {fpi / 1e9:.2f} GFLOP/img ({source}; "
       f"analytic matmuls {analytic / 1e9:.2f}), "
-      f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of {peak / 1e9:.1f} GFLOP/s "
-      f"({peak_how}); peak memory {step['peak_memory_bytes'] / 2**30:.2f} GiB")
+      f"{achieved / 1e9:.1f} GFLOP/s = "
+      + (f"{achieved / peak:.1%} of {peak / 1e9:.1f} GFLOP/s ({peak_how})" if peak
+         else f"an unknown share of peak: {peak_how}")
+      + f"; peak memory {step['peak_memory_bytes'] / 2**30:.2f} GiB")
   if paired:
     log(f"  against the matmuls timed right before and after each step: "
         f"{out['train']['fraction_of_peak_paired']:.1%} (median of {steps} pairs; that "
@@ -448,9 +506,11 @@ def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compa
     out["input"] = f"skipped: {e}"
     log(f"input pipeline: skipped: {e}")
   if evals:
-    out["evals"] = bench_evals(config, model, diffusion, params)
+    try:
+      out["evals"] = bench_evals(config, model, diffusion, params)
+    except ImportError as e:  # The evaluators read their data with TensorFlow.
+      out["evals"] = f"skipped: {e}"
     log(f"evals: {out['evals']}")
-  return out
 
 
 def main(argv, config):
@@ -464,13 +524,12 @@ def main(argv, config):
     print(f"compiled in {out['compile_s']:.1f} s; XLA memory analysis "
           f"{out['xla_memory_analysis_bytes'] / 2**30:.2f} GiB (arguments + outputs + "
           f"temporaries of the step, {out['compiled_for']} buffer assignment)")
+    if f.out:
+      write_json(out, f.out)
+      print(f"wrote {f.out}")
   else:
-    out = run(config, steps=f.steps, sample_count=f.samples, evals=f.evals,
-              compare=f.compare, sampling=f.sampling, profile_steps=f.profile_steps)
-  if f.out:
-    with open(f.out, "w") as fh:
-      json.dump(out, fh, indent=2, default=float)
-    print(f"wrote {f.out}")
+    run(config, steps=f.steps, sample_count=f.samples, evals=f.evals, compare=f.compare,
+        sampling=f.sampling, profile_steps=f.profile_steps, out_path=f.out)
 
 
 if __name__ == "__main__":
