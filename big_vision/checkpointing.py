@@ -41,6 +41,14 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), extra=ocp.args.JsonRestore()))
     return restored.state, restored.extra
 
+  def differences(self, step, abstract_state):
+    """What the checkpoint of `step` holds unlike `abstract_state` (paths missing on one
+    side or of another shape): a run of another model, EMA or optimizer cannot resume it."""
+    saved = _shapes(_saved_tree(epath.Path(self.directory) / str(step) / "state"))
+    now = _shapes(abstract_state)
+    return [f"{'/'.join(k)}: {saved.get(k)} saved, {now.get(k)} now"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
   def extra(self, step):
     """The bookkeeping JSON saved with `step`, without reading the state."""
     restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -80,12 +88,26 @@ def load_params(path):
   state_dir = epath.Path(path) / str(step) / "state"  # Save()'s Composite item "state".
   replicated = jax.sharding.NamedSharding(
       jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",)), jax.sharding.PartitionSpec())
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+      _saved_tree(state_dir))
   with ocp.StandardCheckpointer() as checkpointer:
-    target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
-        checkpointer.metadata(state_dir).item_metadata)
     state = checkpointer.restore(state_dir, target)
   return {k: state[k] for k in ("params", "ema_params") if k in state}, step
+
+
+def _saved_tree(state_dir):
+  """The saved train state's tree of array metadata (shape, dtype), read without data."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.metadata(state_dir).item_metadata
+
+
+def _shapes(tree):
+  """{path as names: shape}; dict keys, sequence indices and fields alike, so that a
+  restored metadata tree and the live state (namedtuple optimizer states) compare."""
+  name = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+  return {tuple(map(name, path)): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _unstacked(flat):

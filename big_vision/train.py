@@ -73,7 +73,7 @@ def _check_data_position(ckpt, step, batch_size, workdir, log):
   extra = ckpt.extra(step) or {}
   seen = extra.get("examples_seen")
   if seen is not None and seen != step * batch_size:  # Would repeat or skip data.
-    ckpt.close()
+    ckpt.close()  # An orbax manager left open keeps its threads.
     raise ConfigError(
         f"batch_size={batch_size}, but the checkpoint of step {step} in {workdir} "
         f"was trained with batch_size={seen // step} ({seen} examples seen); "
@@ -97,25 +97,19 @@ def _flat(tree, prefix=""):
   return out
 
 
-def _check_resumed_config(config, workdir, log):
-  """A resumed run against the config.json of the run it continues: another model or
-  diffusion cannot continue that state; other changes (data, seed, objective) are allowed
-  but said, since the run no longer equals an uninterrupted one."""
+def _say_config_changes(config, workdir, log):
+  """Warns of what a resumed run changes in the config.json of the run it continues: the
+  run goes on (the restore refuses a state it cannot continue), but no longer equals an
+  uninterrupted one. Options that an older config.json lacks are not changes."""
   path = os.path.join(workdir, "config.json")
   if not fileio.exists(path):
     return
   saved = _flat(json.loads(fileio.read_text(path)))
   now = _flat(json.loads(config.to_json_best_effort()))
-  changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-  show = lambda k: f"{k}={saved.get(k)!r} -> {now.get(k)!r}"
-  fixed = [k for k in changed if k.split(".")[0] in ("model", "diffusion")]
-  if fixed:
-    raise ConfigError(
-        f"{workdir} holds a run of another model: {'; '.join(map(show, fixed[:4]))}; resume "
-        "with its config (config.json), or start a new workdir (init_from=... to keep the "
-        "parameters)")
+  changed = [f"{k}={saved[k]!r} -> {now[k]!r}" for k in sorted(set(saved) & set(now))
+             if saved[k] != now[k]]
   if changed:
-    log(f"WARNING: resuming {workdir} with a changed config: {'; '.join(map(show, changed))}")
+    log(f"WARNING: resuming {workdir} with a changed config: {'; '.join(changed)}")
 
 
 def _check_classes(config):
@@ -159,11 +153,7 @@ def train(config, workdir):
   resume_step = ckpt.latest_step()
   if resume_step is not None:
     _check_data_position(ckpt, resume_step, batch_size, workdir, log)
-    try:
-      _check_resumed_config(config, workdir, log)
-    except ConfigError:
-      ckpt.close()
-      raise
+    _say_config_changes(config, workdir, log)
   train_ds, num_train = input_pipeline.training(config.input, seed=config.seed,
                                                 skip_batches=resume_step or 0)
   total_steps = steps_lib.resolve(config, "total", num_train, batch_size)
@@ -195,14 +185,15 @@ def train(config, workdir):
     target = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_state, state_shardings)
-    try:
-      state, extra = ckpt.restore(start_step, target)
-    except ValueError as e:  # Orbax: the saved tree differs from this run's state.
+    differences = ckpt.differences(start_step, abstract_state)
+    if differences:
       ckpt.close()
       raise ConfigError(
           f"the checkpoint of step {start_step} in {workdir} holds another train state "
-          f"(EMA, optimizer or model changed?): {str(e).splitlines()[0][:200]}; resume "
-          "with the run's config (config.json), or start a new workdir") from None
+          f"(model, EMA or optimizer changed?): {'; '.join(differences[:3])}; resume with "
+          "the run's config (config.json), or start a new workdir (init_from=... to keep "
+          "the parameters)")
+    state, extra = ckpt.restore(start_step, target)
     log(f"resumed from step {start_step} ({extra})")
   else:
     start_step = 0

@@ -96,8 +96,9 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     train.train(other, resumed)
   # Another model cannot continue this state.
   other = fmnist_config(data_dir, "total_steps=12,ema=0.9,adaln=False", ckpt_steps=6)
-  with pytest.raises(ConfigError, match=r"holds a run of another model: model.adaln=True -> "
-                                        r"False; resume with its config"):
+  with pytest.raises(ConfigError, match=r"step 6 in .* holds another train state \(model, "
+                                        r"EMA or optimizer changed\?\): "
+                                        r".*adaln_modulation.* saved, None now; "):
     train.train(other, resumed)
   with open(os.path.join(resumed, "config.json")) as f:  # The run's own config stays.
     saved = json.load(f)
@@ -118,19 +119,30 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
 
 
-def test_resume_with_another_seed_or_state_is_said_or_refused(tmp_path):
+def test_resume_with_a_changed_config_is_said(tmp_path):
   workdir = str(tmp_path)
   config = fmnist_config("/data", "total_steps=12")
   train.save_config(config, workdir)
   lines = []
-  train._check_resumed_config(config, workdir, lines.append)
+  train._say_config_changes(config, workdir, lines.append)
   assert not lines
   changed = fmnist_config("/data", "total_steps=12,seed=3")
-  train._check_resumed_config(changed, workdir, lines.append)
+  del changed.model["masking"]  # Options a config.json lacks (an older run's) or adds...
+  changed.model.new_option = 1
+  train._say_config_changes(changed, workdir, lines.append)
   assert lines == [f"WARNING: resuming {workdir} with a changed config: seed=0 -> 3"]
-  with pytest.raises(ConfigError, match=r"holds a run of another model: model.variant='Mu/4' -> "
-                                        r"'Mu/7'; resume with its config"):
-    train._check_resumed_config(fmnist_config("/data", "variant=Mu/7"), workdir, print)
+
+
+def test_checkpoint_differences_name_what_the_state_lacks_or_adds(tmp_path):
+  w = np.zeros((2, 3), np.float32)
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.save(1, dict(params=dict(w=w), ema_params=dict(w=w)), dict(step=1))
+  ckpt.wait()
+  assert ckpt.differences(1, dict(params=dict(w=w), ema_params=dict(w=w))) == []
+  assert ckpt.differences(1, dict(params=dict(w=w))) == ["ema_params/w: (2, 3) saved, None now"]
+  assert ckpt.differences(1, dict(params=dict(w=w[:1]), ema_params=dict(w=w))) == [
+      "params/w: (2, 3) saved, (1, 3) now"]
+  ckpt.close()
 
 
 def test_a_run_stopped_in_its_final_evals_runs_them_when_started_again(data_dir, tmp_path):
