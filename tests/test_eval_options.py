@@ -127,6 +127,9 @@ class _NoWriter:
   def write(self, step, results):
     pass
 
+  def flush(self):
+    pass
+
 
 def test_guidance_scale_one_samples_without_the_null_half(data_dir, tmp_path):
   """Scale 1 is the conditional eps: sampled with it alone (the un-doubled batch), the same

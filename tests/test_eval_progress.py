@@ -82,6 +82,9 @@ class _Writer:
   def write(self, step, metrics):
     self.written.append((step, metrics))
 
+  def flush(self):
+    self.written.append("flush")
+
 
 class _SlowEvaluator:
   """Three batches of 40 images, 20 s each on the fake clock."""
@@ -105,6 +108,7 @@ def test_run_due_logs_start_progress_and_end(monkeypatch):
   scheduled = [common.Scheduled("val", _SlowEvaluator(clock), every=0, use_ema=False)]
   out = common.run_due(scheduled, 7, 7, {"params": None}, writer, said.append)
   assert out["val/loss"] == 0.5 and writer.written[0][0] == 7
+  assert writer.written[1] == "flush"  # Each eval's results go up at once (gs:// workdirs).
   # The progress line names the eval and goes to run_due's log, between start and end.
   assert said[0] == "eval val at step 7: started"
   assert said[1] == "eval val: test 80/120 img/s 2.0 ETA 00:00:20"

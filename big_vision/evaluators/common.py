@@ -158,16 +158,20 @@ def build(config, context, num_train, batch_size, log=print):
     if unknown:  # Else a TypeError traceback from the constructor.
       raise ConfigError(f"evals.{name}: unknown option {unknown[0]!r} for type {kind!r}; "
                         f"allowed: {', '.join(sorted([*allowed, *_FRAMEWORK_KEYS]))}")
-    evaluator, missing = None, None
+    evaluator, missing, bad = None, None, None
     try:
       evaluator = module.Evaluator(dataclasses.replace(context, name=name), **options)
     except FileNotFoundError as e:
       missing = e
-    except ValueError as e:  # A bad option: one line naming the eval, before training.
-      raise ConfigError(f"evals.{name}: {e}") from None
+    except ValueError as e:  # A bad option, or a bad weights file: stops the run below.
+      bad = e
     # Every process runs the same evals (their data loops are collective): a file missing
-    # on one host skips the eval on all of them.
-    if not on_every_process(missing is None):
+    # on one host skips the eval on all of them. The vote comes first, so that a host whose
+    # eval fails does not leave the others waiting in it.
+    everywhere = on_every_process(missing is None and bad is None)
+    if bad is not None:
+      raise ConfigError(f"evals.{name}: {bad}") from bad
+    if not everywhere:
       log(f"eval {name} skipped: {missing or 'a file it needs is missing on another host'}")
       continue
     result.append(Scheduled(name, evaluator, every, spec.get("use_ema", True)))
@@ -191,6 +195,7 @@ def run_due(scheduled, step, total_steps, state, writer, log, force=False):
       results = {f"{s.name}/{k}": v for k, v in s.evaluator.run(params, step)}
     results[f"{s.name}/seconds"] = time.time() - start
     writer.write(step, results)
+    writer.flush()  # A remote metrics.jsonl: results are rare and costly, upload each now.
     everything.update(results)
     log(f"eval {s.name} at step {step}: " + ", ".join(
         f"{k.split('/', 1)[1]} {v:.4g}" for k, v in results.items()
