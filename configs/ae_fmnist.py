@@ -61,7 +61,7 @@ def evals(config, arg):
   # Shots, and the held-out part for the ridge strength, come from the first 5000 training
   # images; accuracy is measured on the whole test split.
   probe = dict(type="fewshot", train_split="train[:5000]", test_split="test")
-  result.fewshot = dict(probe, features=features, t=common.probe_step(arg), **every)
+  result.fewshot = dict(probe, features=features, **every)
   result.fewshot_pixels = dict(probe, features="pixels")  # The baseline to beat.
   result.val = dict(type="diffusion_loss", **every)
   if (config.mask_ratio_no_noise if config.no_noise_prob > 0 else config.mask_ratio) > 0:

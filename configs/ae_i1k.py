@@ -102,8 +102,7 @@ def evals(config, arg):
   result.fewshot = dict(
       type="fewshot", every_steps=arg.fewshot_steps, train_split="train[:300000]",
       test_split="validation", shots=(10, 25, 100),
-      features="representation" if config.no_noise_prob > 0 else "noised",
-      t=common.probe_step(arg))
+      features="representation" if config.no_noise_prob > 0 else "noised")
   if config.no_noise_prob < 1:
     result.val = dict(type="diffusion_loss", every_steps=25_000, max_examples=10_000)
   if (config.mask_ratio_no_noise if config.no_noise_prob > 0 else config.mask_ratio) > 0:

@@ -99,12 +99,6 @@ def diffusion(arg, latent=False):
   ))
 
 
-def probe_step(arg):
-  """The diffusion step of the few-shot probe's 'noised' features: 100 of T=1000 (a tenth
-  of the schedule for another T, so that it is a valid step)."""
-  return arg.timesteps // 10
-
-
 def schedule_and_optimizer(config, arg):
   """Length, warmup, AdamW and EMA; lr = base lr x batch / 256."""
   if arg.total_steps:

@@ -2,8 +2,8 @@
 
 features:
   "representation": mean cls token of clean, unmasked images (model.representation);
-  "noised": the same for images noised to step `t` (for models that never saw clean
-            inputs, e.g. DiT);
+  "noised": the same for images noised to step `t` (default T // 10: 100 of 1000), for
+            models that never saw clean inputs, e.g. DiT;
   "pixels": the flattened input pixels, the baseline a representation must beat.
 The ridge strength is chosen on a held-out part of the train pool; accuracy is measured
 on the test split; mean and spread over `seeds` draws of the shots.
@@ -21,13 +21,14 @@ FEATURES = ("representation", "noised", "pixels")
 class Evaluator:
   """Yields {k}shot (mean accuracy) and {k}shot_std for every shot count k."""
 
-  def __init__(self, context, features="representation", t=100, train_split="train[:10000]",
+  def __init__(self, context, features="representation", t=None, train_split="train[:10000]",
                test_split="test", shots=(1, 5, 10, 25, 100), seeds=3, holdout_per_class=20,
                data=None, pp=None, batch_size=None):
     if features not in FEATURES:
       raise ValueError(f"fewshot: unknown features {features!r}; known: {', '.join(FEATURES)}")
     linear_probe.check_options(shots, seeds, holdout_per_class)  # Before any training.
     n = context.diffusion.num_timesteps
+    t = n // 10 if t is None else t  # 100 of T = 1000, and a valid step for any T.
     if features == "noised" and not (is_int(t) and 0 <= t < n):
       raise ValueError(f"fewshot: t={t!r} must be a diffusion step, an int in [0, {n - 1}]")
     self.context, self.features, self.t = context, features, int(t)
