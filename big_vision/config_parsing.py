@@ -19,6 +19,12 @@ def is_int(value):
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def check_int(name, value, low, why=""):
+  """ConfigError naming the option unless value is an int >= low (why: what needs that)."""
+  if not (is_int(value) and value >= low):
+    raise ConfigError(f"{name}={value!r} must be an int >= {low}{why}")
+
+
 def split_top_level(text, sep=","):
   """Splits on `sep` outside of brackets and quotes: 'a=(1,2),b=3' -> ['a=(1,2)', 'b=3'].
 

@@ -88,11 +88,6 @@ def check_diffusion(config):
       _check_eta(f"evals.{name}.eta", spec["eta"])
 
 
-def _check_positive_int(name, value):
-  if not (config_parsing.is_int(value) and value >= 1):
-    raise config_parsing.ConfigError(f"{name}={value!r} must be an int >= 1")
-
-
 def _check_number(name, value, low, high=None, low_open=False, high_open=True):
   """A finite number in [low, high) (or (low, ...] per the flags); None: unset, fine."""
   if value is None:
@@ -139,7 +134,7 @@ def check_config(config):
     raise config_parsing.ConfigError(f"batch_size={batch_size} must be positive")
   # train_step.py divides the batch, its loss and gradients by grad_accum_steps.
   accum = config.get("grad_accum_steps", 1)
-  _check_positive_int("grad_accum_steps", accum)
+  config_parsing.check_int("grad_accum_steps", accum, 1)
   if batch_size is not None and batch_size % accum:
     raise config_parsing.ConfigError(
         f"batch_size={batch_size} is not divisible by grad_accum_steps={accum}")

@@ -36,7 +36,7 @@ from big_vision import train_step
 from big_vision import visualize
 from big_vision.evaluators import common as eval_common
 from big_vision.config_parsing import ConfigError
-from big_vision.config_parsing import is_int
+from big_vision.config_parsing import check_int
 from big_vision.models import ae
 
 
@@ -54,8 +54,8 @@ def check_trainable(config):
   steps_lib.check(config, "warmup")
   for key in ("log_training_steps", "ckpt_steps", "image_steps"):  # Used as step % value.
     value = config.get(key)
-    if value is not None and not (is_int(value) and value >= 1):
-      raise ConfigError(f"{key}={value!r} must be an int >= 1 (steps between two of them)")
+    if value is not None:
+      check_int(key, value, 1, " (steps between two of them)")
 
 
 def save_config(config, workdir):

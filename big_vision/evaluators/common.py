@@ -32,7 +32,6 @@ from jax.experimental import multihost_utils
 from big_vision import input_pipeline
 from big_vision import metric_writer
 from big_vision.config_parsing import ConfigError
-from big_vision.config_parsing import is_int
 
 TYPES = ("fewshot", "diffusion_loss", "reconstruction", "sampling", "inpainting")
 _FRAMEWORK_KEYS = ("type", "every_steps", "every_epochs", "use_ema")
@@ -221,12 +220,6 @@ def eval_input_config(context, data=None, pp=None, batch_size=None, split=None):
                       f"the eval batches are sharded over; use a multiple of {n}")
   return dict(data=data, pp=pp or cfg.get("pp_eval") or cfg.input.pp,
               batch_size=int(batch_size))
-
-
-def check_int(name, value, low, why=""):
-  """ValueError naming the option unless value is an int >= low (why: what needs that)."""
-  if not (is_int(value) and value >= low):
-    raise ValueError(f"{name}={value!r} must be an int >= {low}{why}")
 
 
 def image_path(context, stem, step):

@@ -20,6 +20,7 @@ import numpy as np
 from big_vision import diffusion as diffusion_lib
 from big_vision import objective
 from big_vision import visualize
+from big_vision.config_parsing import check_int
 from big_vision.evaluators import common
 from big_vision.evaluators import fid_scorer
 
@@ -36,10 +37,10 @@ class Evaluator:
     if sampler not in SAMPLERS:
       raise ValueError(f"sampling: unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
     # Checked now: these failed only at the eval's first run (the final one loses FID).
-    common.check_int("num_samples", num_samples, 2 if feature_net else 1,
+    check_int("num_samples", num_samples, 2 if feature_net else 1,
                      " (FID needs two samples for a covariance)" if feature_net else "")
-    common.check_int("batch_size", batch_size, 1)
-    common.check_int("num_grid", num_grid, 0, " (0: no grid)")
+    check_int("batch_size", batch_size, 1)
+    check_int("num_grid", num_grid, 0, " (0: no grid)")
     cfg = context.config
     # eta, like the steps, defaults to the diffusion section's (as the benchmark samples).
     if eta is None:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from big_vision.config_parsing import ConfigError
+from big_vision.config_parsing import check_int
 from big_vision.config_parsing import is_int
 from big_vision.models import conditioning
 from big_vision.models import masking as masking_lib
@@ -465,8 +466,8 @@ def _resolve(model_config):
   for key, lowest in (("channels", 1), ("num_cls_tokens", 0), ("num_classes", 0),
                       ("decoder_width", 1), ("decoder_depth", 0), ("decoder_mlp_dim", 1),
                       ("mask_block_size", 1)):
-    if key in kw and kw[key] is not None and not (is_int(kw[key]) and kw[key] >= lowest):
-      raise ConfigError(f"{key}={kw[key]!r} must be an int >= {lowest}")
+    if key in kw and kw[key] is not None:
+      check_int(key, kw[key], lowest)
   p = kw["patch_size"]
   if size[0] % p or size[1] % p:
     raise ConfigError(f"image size {size} is not divisible by the patch size {p}")
