@@ -38,7 +38,7 @@ class Evaluator:
       raise ValueError(f"sampling: unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
     # Checked now: these failed only at the eval's first run (the final one loses FID).
     check_int("num_samples", num_samples, 2 if feature_net else 1,
-                     " (FID needs two samples for a covariance)" if feature_net else "")
+              " (FID needs two samples for a covariance)" if feature_net else "")
     check_int("batch_size", batch_size, 1)
     check_int("num_grid", num_grid, 0, " (0: no grid)")
     cfg = context.config
