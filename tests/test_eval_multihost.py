@@ -81,7 +81,7 @@ CACHE_SCRIPT = textwrap.dedent("""
     batches = [{"image": images, input_pipeline.MASK_KEY: np.ones(4, bool)}]
     input_pipeline.evaluation = lambda cfg: (batches, 8)
     ctx = types.SimpleNamespace(data_sharding=sharding,
-                                model=types.SimpleNamespace(image_size=(28, 28)))
+                                model=types.SimpleNamespace(image_size=(28, 28), channels=1))
     ref_cfg = dict(data=dict(name="fashion_mnist_local", split="test"), pp="x")
     # Per-host cache directories (local disks); only host 0 has the statistics already.
     scorer = fid_scorer.Scorer(ctx, dict(kind="fmnist_classifier", weights=weights), ref_cfg,

@@ -102,7 +102,7 @@ def test_scorer_cache_key_follows_weights_file_and_pp(tmp_path):
                                                  jnp.zeros((1, 28, 28, 1)))["params"]
     fmnist_classifier.save(params, weights, dict(note=f"random {seed}, for tests"))
 
-  context = types.SimpleNamespace(model=types.SimpleNamespace(image_size=(28, 28)))
+  context = types.SimpleNamespace(model=types.SimpleNamespace(image_size=(28, 28), channels=1))
   images = np.random.default_rng(0).uniform(-1, 1, (40, 28, 28, 1)).astype(np.float32)
   computed = []
 
