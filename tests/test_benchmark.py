@@ -57,15 +57,20 @@ def test_run_reports_every_figure():
   assert any(line.startswith("profile:") for line in lines)
 
 
+# A subprocess prelude: importing TensorFlow, TFDS or wandb fails, as on a bare GPU box.
+_WITHOUT_TENSORFLOW = (
+    "import sys\n"
+    "class Block:\n"
+    "  def find_spec(self, name, path=None, target=None):\n"
+    "    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'wandb'):\n"
+    "      raise ImportError('blocked ' + name)\n"
+    "sys.meta_path.insert(0, Block())\n")
+
+
 def test_step_and_sampler_need_no_tensorflow():
   """A GPU box without TensorFlow can still time the step: nothing on that path imports
   it (the input pipeline is imported only to time the input)."""
-  code = ("import sys\n"
-          "class Block:\n"
-          "  def find_spec(self, name, path=None, target=None):\n"
-          "    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'wandb'):\n"
-          "      raise ImportError('blocked ' + name)\n"
-          "sys.meta_path.insert(0, Block())\n"
+  code = (_WITHOUT_TENSORFLOW +
           "from big_vision.tools import benchmark\n"
           "from configs import ae_i1k\n"
           "c = ae_i1k.get_config('variant=Mu/4,size=16,batch_size=4,sampling_timesteps=2')\n"
@@ -131,12 +136,7 @@ def test_without_tensorflow_evals_are_skipped_and_json_is_written_on_failure(tmp
   """No TensorFlow: the evals are skipped with the reason; a part that fails still leaves
   the JSON of what was measured before it (and the error); an accelerator of unknown peak
   gets no share of peak."""
-  code = ("import json, sys\n"
-          "class Block:\n"
-          "  def find_spec(self, name, path=None, target=None):\n"
-          "    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'wandb'):\n"
-          "      raise ImportError('blocked ' + name)\n"
-          "sys.meta_path.insert(0, Block())\n"
+  code = ("import json\n" + _WITHOUT_TENSORFLOW +
           "from big_vision.tools import benchmark\n"
           "from configs import ae_i1k\n"
           "benchmark.device_peak = lambda: (None, 'no known peak for X')\n"
