@@ -4,8 +4,9 @@
 
 runs `run_steps(state)` (which must block until its steps are done) under
 `jax.profiler.trace`, reads the trace back with `jax.profiler.ProfileData` and sums the
-time of every XLA op, per step: on a GPU the ops of the device's "XLA Ops" line, on a CPU
-those of XLA's worker threads. Ops are put in categories by their HLO name and the JAX
+time of every XLA op, per step: on a GPU the ops of the device's "XLA Ops" line, or the
+kernels on its streams where the step runs as CUDA graphs; on a CPU those of XLA's worker
+threads. Ops are put in categories by their HLO name and the JAX
 operation they came from (the `tf_op` stat, e.g. ".../attn/qkv/dot_general"):
 
   matmul       dots, cuBLAS / Triton GEMMs, convolutions
@@ -27,11 +28,14 @@ import tempfile
 
 import jax
 
-_ATTENTION = re.compile(r"fmha|flash|dot_product_attention", re.I)
+# cuDNN's flash attention runs as "..._sdpa_..._flash_..." kernels and, in its backward
+# pass, helpers of its own ("cudnn::fusion::compute_dot_do_o", "convert_dq_to_16bits").
+_ATTENTION = re.compile(r"fmha|flash|sdpa|cudnn::fusion|dot_product_attention", re.I)
 _CATEGORY_PATTERNS = (
     # conv(?!ert): convolutions ("convolution.3", "cudnn-conv.1"), not dtype converts.
-    ("matmul", re.compile(r"gemm|cublas|dot|conv(?!ert)|matmul|ynn_fusion|xnn_fusion|onednn",
-                          re.I)),
+    # nvjet / xmma / cutlass: the kernels of cuBLAS(Lt) that a GPU trace names.
+    ("matmul", re.compile(r"gemm|cublas|nvjet|xmma|cutlass|dot|conv(?!ert)|matmul|"
+                          r"ynn_fusion|xnn_fusion|onednn", re.I)),
     ("copy", re.compile(r"^(copy|transpose)", re.I)),
     ("elementwise", re.compile(r"fusion", re.I)),
 )
@@ -62,6 +66,12 @@ def origins_from_hlo(hlo_text):
 # "jvp(Model)/Model.encode" repeats the scope and is skipped as well.
 _NOT_MODULES = ("checkpoint", "rematted_computation")
 _MODULE_SCOPE = re.compile(r"(?:transpose\()?(?:jvp\()?([A-Z_]\w*)\)*(?:\.(\w+))?")
+
+
+def _origin(origins, name):
+  """The JAX op_name of a trace event's op: a GPU trace names the kernel of HLO
+  instruction "loop_add_fusion.3" "loop_add_fusion_3"."""
+  return origins.get(name) or origins.get(re.sub(r"_(\d+)$", r".\1", name), "")
 
 
 def module_of(op_name):
@@ -106,9 +116,12 @@ def _op_events(profile_data):
   events = []
   if device:
     for plane in device:
-      for line in plane.lines:
-        if line.name == "XLA Ops":
-          events.extend(line.events)
+      lines = list(plane.lines)
+      ops = [line for line in lines if line.name == "XLA Ops"]
+      # Where XLA runs the step as CUDA graphs (command buffers), the trace has no "XLA
+      # Ops" line: the kernels on the GPU's streams are the ops then.
+      for line in ops or [line for line in lines if line.name.startswith("Stream")]:
+        events.extend(line.events)
   else:
     for plane in planes:
       if plane.name == "/host:CPU":
@@ -139,9 +152,12 @@ def summarise(profile_data, num_steps, top=25, origins=None):
     tf_op = str(stats.get("tf_op", ""))
     category = categorise(name, f"{tf_op} {str(stats.get('long_name', ''))[:300]}")
     by_category[category] += ns
-    key = re.sub(r"\.\d+$", "", name)
+    # One key for an op's instances ("fusion.3", a GPU's "fusion_3"); a kernel's name
+    # without its C++ signature.
+    key = re.sub(r"[._]\d+$", "", name.split("(")[0])
     by_op[(category, key)] += ns
-    op_name = tf_op or origins.get(name, "")
+    # A GPU kernel of a command buffer has tf_op "XlaModule:", which names no operation.
+    op_name = tf_op if "/" in tf_op else _origin(origins, name)
     by_instance[(category, key, name, op_name)] += ns
     if origins:
       by_module[module_of(op_name) if op_name else "unattributed"][category] += ns

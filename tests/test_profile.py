@@ -1,4 +1,6 @@
 """The profile summary: op time put in categories and under the model's modules."""
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -76,6 +78,49 @@ def test_profile_by_module():
     ("convolution.3", "matmul"), ("cudnn-conv.1", "matmul"), ("dot.2", "matmul"),
     ("loop_convert_fusion.3", "elementwise"),  # Converts are not convolutions.
     ("wrapped_convert.2", "other"), ("convert.7", "other"),
+    # Kernel names of an H200 trace (jax 0.11): cuBLAS, Triton and cuDNN attention.
+    ("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", "matmul"), ("gemm_fusion_dot_161", "matmul"),
+    ("sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n_tilesize256x128x32", "matmul"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64", "attention"),
+    ("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)", "attention"),
+    ("input_add_reduce_fusion_85", "elementwise"),
 ])
 def test_categorise(name, category):
   assert profile.categorise(name) == category
+
+
+class _Event:
+  def __init__(self, name, ns, stats):
+    self.name, self.duration_ns, self.stats = name, ns, list(stats.items())
+
+
+class _Line:
+  def __init__(self, name, events):
+    self.name, self.events = name, events
+
+
+class _Plane:
+  def __init__(self, name, lines):
+    self.name, self.lines = name, lines
+
+
+def test_gpu_trace_of_cuda_graphs():
+  """Where XLA runs the step as CUDA graphs, a GPU trace has no "XLA Ops" line: its stream
+  lines hold the kernels, named like their HLO instruction with "_N" for ".N", and their
+  tf_op names no operation."""
+  graph = {"tf_op": "XlaModule:", "hlo_op": "command_buffer_1"}
+  stream = _Line("Stream #14(Memset,Compute)", [
+      _Event("gemm_fusion_dot_3", 3e6, graph), _Event("loop_add_fusion_2", 1e6, graph),
+      _Event("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", 2e6, graph)])
+  trace = types.SimpleNamespace(planes=[_Plane("/device:GPU:0", [stream]),
+                                        _Plane("/host:CPU", [_Line("python3", [])])])
+  hlo = ('  %gemm_fusion_dot.3 = bf16[8,8]{1,0} fusion(%a), metadata={op_name='
+         '"jit(update)/jvp(Model)/Model.encode/encoder/block_00/mlp/fc1/dot_general"}\n'
+         '  %loop_add_fusion.2 = bf16[8,8]{1,0} fusion(%b), metadata={op_name='
+         '"jit(update)/jvp(Model)/Model.encode/encoder/block_00/add"}\n')
+  summary = profile.summarise(trace, 1, origins=profile.origins_from_hlo(hlo))
+  assert summary["by_category_ms"] == {"matmul": 5.0, "elementwise": 1.0}
+  by_module = summary["by_module_ms"]
+  assert by_module["forward encoder/block_*/mlp/fc1"] == {"total": 3.0, "matmul": 3.0}
+  assert by_module["forward encoder/block_*"] == {"total": 1.0, "elementwise": 1.0}
+  assert by_module["unattributed"]["matmul"] == 2.0  # cuBLAS's kernel: no HLO name.
