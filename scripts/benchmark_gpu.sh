@@ -7,12 +7,12 @@
 # Variants: xla (XLA attention, float32 residual stream: the config's own), cudnn (cuDNN's
 # fused attention), cudnn_bf16 (and a bfloat16 residual stream), xla_bf16, profile
 # (cudnn_bf16 with a profile of 3 steps), cublaslt (cudnn_bf16 with XLA's cuBLASLt
-# epilogue fusion), notriton (cudnn_bf16, cuBLAS for every matmul), b512 and
-# b512_cublaslt (batch 512), nn_dense (cudnn_bf16 with nn.Dense's 3-D dots instead of
+# epilogue fusion), notriton (cudnn_bf16, cuBLAS for every matmul), b512, b1024 and
+# b512_cublaslt (batch 512 or 1024 on the one GPU; 1024 needs more than 80 GB), nn_dense (cudnn_bf16 with nn.Dense's 3-D dots instead of
 # TokenDense's flat matmuls), compare (the --compare table: straightforward objective,
 # nn.Dense, scan, remat, each timed in turns with the config's step). Default: the first
-# four. Each writes OUT_DIR/NAME.json and its log to LOG_DIR/NAME.log (default OUT_DIR);
-# a table of all of them is printed last.
+# four; table prints only the table. Each writes OUT_DIR/NAME.json and its log to
+# LOG_DIR/NAME.log (default OUT_DIR); a table of all of them is printed last.
 # Synthetic batches: imagenet2012 need not be prepared (the input figure is then skipped).
 # PYTHON= names the interpreter (default: .venv/bin/python if there is one, else python3,
 # as on a bare GPU machine with JAX installed).
@@ -60,6 +60,8 @@ for v in "${variants[@]}"; do
         bench notriton ",attention=cudnn,dtype_activations=bfloat16" --sampling=false ;;
     b512) bench b512 ",attention=cudnn,dtype_activations=bfloat16,batch_size=512" \
         --sampling=false ;;
+    b1024) bench b1024 ",attention=cudnn,dtype_activations=bfloat16,batch_size=1024" \
+        --sampling=false ;;
     b512_cublaslt) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=true" \
         bench b512_cublaslt ",attention=cudnn,dtype_activations=bfloat16,batch_size=512" \
         --sampling=false ;;
@@ -67,8 +69,9 @@ for v in "${variants[@]}"; do
         --sampling=false ;;
     compare) bench compare ",attention=${COMPARE_ATTENTION:-cudnn},dtype_activations=${COMPARE_ACTIVATIONS:-bfloat16}" \
         --sampling=false --compare ;;
+    table) ;;  # Only the table of what OUT_DIR holds.
     *) echo "unknown variant $v; known: xla cudnn cudnn_bf16 xla_bf16 profile cublaslt" \
-         "notriton b512 b512_cublaslt nn_dense compare" >&2; exit 2 ;;
+         "notriton b512 b1024 b512_cublaslt nn_dense compare table" >&2; exit 2 ;;
   esac
 done
 
@@ -82,10 +85,12 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
   rows.append((os.path.basename(path)[:-5], r["device"], f"{t['images_per_s']:.0f}",
                f"{t['step_s'] * 1e3:.1f}", f"{t['fraction_of_peak_analytic']:.1%}",
                f"{t['fraction_of_peak']:.1%}", f"{t['peak_memory_bytes'] / 2**30:.1f}",
+               f"{t['fraction_of_measured_matmul']:.1%}" if "fraction_of_measured_matmul" in t
+               else "-",
                f"{s['images_per_s']:.1f}" if s else "-",
                str(s.get("steps_in_one_program", "-"))))
 head = ("variant", "device", "img/s", "step ms", "MFU analytic", "MFU XLA", "peak GiB",
-        "DDIM img/s", "one program")
+        "of bf16 matmul", "DDIM img/s", "one program")
 for row in [head] + rows:
   print(" | ".join(row))
 EOF

@@ -3,7 +3,8 @@ r"""Measures where time goes: training step, sampling, input pipeline and evalua
   python -m big_vision.tools.benchmark --config configs/ae_fmnist.py:variant=S/4 --out bench.json
 
 Training step: images/s and the median step time on synthetic batches (so the input
-pipeline does not interfere), compile time, peak memory, model FLOPs per image
+pipeline does not interfere; on an accelerator, steps dispatched back to back in rounds
+of PIPELINED_STEPS, as the trainer dispatches them), compile time, peak memory, model FLOPs per image
 (forward + backward, from XLA's cost analysis of the same step compiled WITHOUT scan,
 rematerialisation and gradient accumulation, since XLA counts a loop body once and remat
 adds recomputation), achieved FLOP/s and its share of the device's peak: on a CPU the fp32
@@ -58,22 +59,28 @@ GPU_PEAKS = (
 )
 
 
-def matmul_timer(n=2048, dtype=jnp.float32):
-  """A function that runs one n x n matmul on the default device and returns its FLOP/s."""
+PIPELINED_STEPS = 5  # Steps a timing round dispatches back to back (see bench_train_step).
+
+
+def matmul_timer(n=2048, dtype=jnp.float32, calls=1):
+  """A function that runs `calls` n x n matmuls back to back on the default device (on
+  random data: zeros run faster on some GPUs) and returns their FLOP/s."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
 
   def rate():
     start = time.perf_counter()
-    f(a).block_until_ready()
-    return 2 * n ** 3 / (time.perf_counter() - start)
+    for _ in range(calls):
+      out = f(a)
+    out.block_until_ready()
+    return 2 * n ** 3 * calls / (time.perf_counter() - start)
   return rate
 
 
-def matmul_peak(n=2048, dtype=jnp.float32, repeats=10):
+def matmul_peak(n=2048, dtype=jnp.float32, repeats=10, calls=1):
   """FLOP/s of an n x n matmul on the default device, the CPU's reference peak."""
-  rate = matmul_timer(n, dtype)
+  rate = matmul_timer(n, dtype, calls)
   return statistics.median(rate() for _ in range(repeats))
 
 
@@ -317,17 +324,26 @@ def bench_train_step(config, steps, profile_steps=0, between_steps=None):
   """Times `steps` compiled steps after a warm-up. between_steps(), if given, runs before
   the first and after each timed step, and its steps + 1 results are returned (the CPU's
   matmul rate, so that each step is compared with the machine's speed around it).
+  Without it, the steps run back to back in rounds of PIPELINED_STEPS, each timed as a
+  whole: the trainer waits for a step only at log steps, so the host dispatches the next
+  step while the device runs this one (on an H200, a step waited for alone took 86.0 ms
+  against 81.8 ms back to back). step_times_s are then the rounds' time per step.
   Returns (figures, the CompiledStep)."""
   step = CompiledStep(config)
   between = [between_steps()] if between_steps else []
   times = []
-  for _ in range(steps):
-    times.append(step.run())
-    if between_steps:
+  if between_steps:
+    for _ in range(steps):
+      times.append(step.run())
       between.append(between_steps())
+  else:
+    group = min(steps, PIPELINED_STEPS)
+    times = [step.run(group) / group for _ in range(max(1, steps // group))]
   step_s = statistics.median(times)
   mem, mem_how = peak_memory_bytes()
-  result = dict(images_per_s=config.input.batch_size / step_s, step_s=step_s,
+  timing = ("each step waited for, a matmul timed between steps" if between_steps else
+            f"median of {len(times)} rounds of {group} steps dispatched back to back")
+  result = dict(images_per_s=config.input.batch_size / step_s, step_s=step_s, timing=timing,
                 compile_s=step.compile_s, peak_memory_bytes=mem, peak_memory_source=mem_how,
                 xla_memory_analysis_bytes=xla_memory_bytes(step.compiled), step_times_s=times)
   if between_steps:
@@ -337,8 +353,11 @@ def bench_train_step(config, steps, profile_steps=0, between_steps=None):
                                                          config.input.batch_size,
                                                          step.compiled)
   if profile_steps:
-    _, result["profile"] = profile.profile(lambda _: step.run(profile_steps), None,
-                                           profile_steps, hlo_text=step.compiled.as_text())
+    try:  # The timing above stands without it: a profiler that fails loses only itself.
+      _, result["profile"] = profile.profile(lambda _: step.run(profile_steps), None,
+                                             profile_steps, hlo_text=step.compiled.as_text())
+    except Exception as e:  # pylint: disable=broad-except
+      result["profile"] = f"failed: {type(e).__name__}: {e}"
   return result, step
 
 
@@ -444,6 +463,13 @@ def _measure(out, config, steps, sample_count, input_batches, evals, compare, sa
         "jemalloc is not installed)")
   peak, peak_how = device_peak()
   out.update(peak_flops=peak, peak_source=peak_how)
+  if device.platform == "gpu":
+    # What the matrix units give on this card (a large bf16 matmul through XLA), beside
+    # the vendor's figure: the part of the gap to the peak that no step can close.
+    out["measured_matmul_flops"] = matmul_peak(8192, jnp.bfloat16, calls=10)
+    log(f"bf16 8192^3 matmul: {out['measured_matmul_flops'] / 1e12:.0f} TFLOP/s"
+        + (f" ({out['measured_matmul_flops'] / peak:.0%} of the vendor's peak)" if peak
+           else ""))
   # On a CPU, a reference matmul is timed before and after each timed step: machines
   # shared with other work change speed within seconds (the 2048^2 rate moved between 85
   # and 141 GFLOP/s within one run), and a step is best compared with its neighbours.
@@ -464,6 +490,9 @@ def _measure(out, config, steps, sample_count, input_batches, evals, compare, sa
                       analytic_matmul_flops_per_image=analytic,
                       achieved_flops=achieved, fraction_of_peak=share(achieved),
                       fraction_of_peak_analytic=share(analytic * step["images_per_s"]))
+  if "measured_matmul_flops" in out:
+    out["train"]["fraction_of_measured_matmul"] = (analytic * step["images_per_s"]
+                                                   / out["measured_matmul_flops"])
   if paired:
     rates = step.pop("between_steps")
     b, n = config.input.batch_size, jax.device_count()
@@ -483,7 +512,9 @@ def _measure(out, config, steps, sample_count, input_batches, evals, compare, sa
     log(f"  against the matmuls timed right before and after each step: "
         f"{out['train']['fraction_of_peak_paired']:.1%} (median of {steps} pairs; that "
         f"matmul ran at {min(rates) / 1e9:.0f}-{max(rates) / 1e9:.0f} GFLOP/s a device)")
-  if profile_steps:
+  if profile_steps and isinstance(step["profile"], str):
+    log(f"profile: {step['profile']}")
+  elif profile_steps:
     for line in profile.format_summary(step["profile"]):
       log(line)
   if compare:
