@@ -12,7 +12,8 @@
 # (cudnn_bf16 with nn.Dense's 3-D dots instead of TokenDense's flat matmuls), compare
 # (the --compare table: straightforward objective, nn.Dense, scan, remat, each timed in
 # turns with the config's step). Default: the first four; table prints only the table.
-# Each writes OUT_DIR/NAME.json and its log to LOG_DIR/NAME.log (default OUT_DIR); a table of all of them is printed last.
+# Each writes OUT_DIR/NAME.json and its log to LOG_DIR/NAME.log (default OUT_DIR); a
+# table of all of them is printed last.
 # Synthetic batches: imagenet2012 need not be prepared (the input figure is then skipped).
 # PYTHON= names the interpreter (default: .venv/bin/python if there is one, else python3,
 # as on a bare GPU machine with JAX installed).
