@@ -88,12 +88,17 @@ def load_params(path):
   state_dir = epath.Path(path) / str(step) / "state"  # Save()'s Composite item "state".
   replicated = jax.sharding.NamedSharding(
       jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",)), jax.sharding.PartitionSpec())
+  saved = _saved_tree(state_dir)
+  # Only the parameters are read: the optimizer's moments, twice the parameters' size,
+  # would be replicated on every device for nothing.
   target = jax.tree_util.tree_map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
-      _saved_tree(state_dir))
-  with ocp.StandardCheckpointer() as checkpointer:
-    state = checkpointer.restore(state_dir, target)
-  return {k: state[k] for k in ("params", "ema_params") if k in state}, step
+      {k: saved[k] for k in ("params", "ema_params") if k in saved})
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    params = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  return params, step
 
 
 def _saved_tree(state_dir):
