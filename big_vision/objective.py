@@ -89,8 +89,7 @@ def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_no
   keys = jax.vmap(lambda k: jax.random.split(k, 4))(example_keys)  # [B, 4]
   key_mask, key_t, key_eps, key_drop = (keys[:, i] for i in range(4))
   labels = drop_labels(labels, key_drop, label_dropout, null_label)
-  num_tokens = grid[0] * grid[1]
-  masks = lambda sl, ratio: masking_lib.per_example(key_mask[sl], num_tokens, ratio, grid,
+  masks = lambda sl, ratio: masking_lib.per_example(key_mask[sl], grid, ratio,
                                                     mask_block_size)
   # The model's inputs, branch by branch: clean images first, then noised ones.
   inputs, steps, maskings, noise = [], [], [], None

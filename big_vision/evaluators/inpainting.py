@@ -58,7 +58,7 @@ class Evaluator:
     if not mask_ratio:
       raise ValueError("inpainting needs mask_ratio > 0")
     model, diffusion = context.model, context.diffusion
-    block_size = model.mask_block_size if model.masking == "block" else None
+    block_size = model.block_mask_size
     if block_size:  # Now, not at the first eval: the block size must divide the grid.
       masking_lib.masked_blocks(model.grid, mask_ratio, block_size)
     cfg = context.config
@@ -81,10 +81,7 @@ class Evaluator:
     def run_batch(params, images, key):
       b = images.shape[0]
       key_mask, key_inpaint = jax.random.split(key)
-      if block_size:
-        m = masking_lib.block_masking(key_mask, b, model.grid, mask_ratio, block_size)
-      else:
-        m = masking_lib.random_masking(key_mask, b, model.num_patches, mask_ratio)
+      m = masking_lib.draw(key_mask, b, model.grid, mask_ratio, block_size)
       pixel_mask = masking_lib.mask_to_pixels(m.mask, model.grid, model.patch_size)
       onestep = model.apply({"params": params}, images, jnp.zeros((b,), jnp.int32),
                             masking=m)["x0"]

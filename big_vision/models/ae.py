@@ -288,6 +288,11 @@ class Model(nn.Module):
   def num_patches(self):
     return self.grid[0] * self.grid[1]
 
+  @property
+  def block_mask_size(self):
+    """The side of the blocks of patches masked whole (masking="block"), else None."""
+    return self.mask_block_size if self.masking == "block" else None
+
   def setup(self):
     dtype = MATMUL_DTYPES[self.dtype_mm]
     stack = dict(adaln=self.adaln, scan=self.scan, remat_policy=self.remat_policy, dtype=dtype,
@@ -341,11 +346,8 @@ class Model(nn.Module):
     masking_lib.check_mask_ratio(mask_ratio)
     if mask_ratio == 0:
       return masking_lib.no_masking(batch_size, self.num_patches)
-    rng = self.make_rng("mask")
-    if self.masking == "block":
-      return masking_lib.block_masking(rng, batch_size, self.grid, mask_ratio,
-                                       self.mask_block_size)
-    return masking_lib.random_masking(rng, batch_size, self.num_patches, mask_ratio)
+    return masking_lib.draw(self.make_rng("mask"), batch_size, self.grid, mask_ratio,
+                            self.block_mask_size)
 
   def encode(self, images, cond, masking):
     """Visible patches (+ cls tokens) through the encoder -> [B, num_cls + K, width]."""

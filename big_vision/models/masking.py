@@ -105,15 +105,18 @@ def block_masking(rng, batch_size, grid_hw, mask_ratio, block_size):
   return Masking(order[:, :keep], mask, jnp.argsort(order, axis=1).astype(jnp.int32))
 
 
-def per_example(keys, num_tokens, mask_ratio, grid_hw=None, block_size=None):
-  """One mask per example key [B]: the batch's masks do not depend on how it is split.
-
-  Block masking when block_size is given (needs grid_hw), else random masking.
-  """
+def draw(rng, batch_size, grid_hw, mask_ratio, block_size=None):
+  """Masks of a model's kind: whole block_size x block_size blocks of patches when
+  block_size is given (MaskDM), else random patches."""
   if block_size:
-    one = lambda k: block_masking(k, 1, grid_hw, mask_ratio, block_size)
-  else:
-    one = lambda k: random_masking(k, 1, num_tokens, mask_ratio)
+    return block_masking(rng, batch_size, grid_hw, mask_ratio, block_size)
+  return random_masking(rng, batch_size, grid_hw[0] * grid_hw[1], mask_ratio)
+
+
+def per_example(keys, grid_hw, mask_ratio, block_size=None):
+  """One mask per example key [B] (see draw): the batch's masks do not depend on how it
+  is split."""
+  one = lambda k: draw(k, 1, grid_hw, mask_ratio, block_size)
   return Masking(*(x[:, 0] for x in jax.vmap(one)(keys)))
 
 
