@@ -122,11 +122,13 @@ def test_per_example_randomness_does_not_depend_on_batch_split():
   model = ae.build_model(dict(variant="Mu/2", image_size=8, channels=1, num_classes=3))
   images = jax.random.uniform(jax.random.PRNGKey(0), (8, 8, 8, 1), minval=-1, maxval=1)
   labels = jnp.arange(8) % 3
-  params = model.init({"params": jax.random.PRNGKey(1)}, images, jnp.zeros(8, jnp.int32),
-                      labels)["params"]
+  # Jitted: the model run op by op (eager) costs far more than compiling it.
+  params = jax.jit(model.init)({"params": jax.random.PRNGKey(1)}, images,
+                               jnp.zeros(8, jnp.int32), labels)["params"]
   params = jax.tree_util.tree_map(lambda p: p + 0.1, params)
   keys = jax.random.split(jax.random.PRNGKey(2), 8)
-  apply = lambda p, x, t, y, masking: model.apply({"params": p}, x, t, y, masking=masking)
+  apply = jax.jit(lambda p, x, t, y, masking: model.apply({"params": p}, x, t, y,
+                                                         masking=masking))
   kw = dict(diffusion=diffusion_lib.GaussianDiffusion.create("cosine", 100), no_noise_prob=0.0,
             mask_ratio=0.5, mask_ratio_no_noise=0.75, grid=model.grid, patch_size=2,
             label_dropout=0.5, null_label=3)
@@ -155,11 +157,13 @@ def test_one_model_call_equals_a_call_per_branch():
   b = 8
   images = jax.random.uniform(jax.random.PRNGKey(0), (b, 8, 8, 1), minval=-1, maxval=1)
   labels = jnp.arange(b) % 3
-  params = model.init({"params": jax.random.PRNGKey(1)}, images, jnp.zeros(b, jnp.int32),
-                      labels)["params"]
+  # Jitted: the model run op by op (eager) costs far more than compiling it.
+  params = jax.jit(model.init)({"params": jax.random.PRNGKey(1)}, images,
+                               jnp.zeros(b, jnp.int32), labels)["params"]
   params = jax.tree_util.tree_map(lambda p: p + 0.05, params)  # Leave AdaLN-Zero's zeros.
   keys = jax.random.split(jax.random.PRNGKey(2), b)
-  apply = lambda p, x, t, y, masking: model.apply({"params": p}, x, t, y, masking=masking)
+  apply = jax.jit(lambda p, x, t, y, masking: model.apply({"params": p}, x, t, y,
+                                                         masking=masking))
   calls, inputs = [], {True: [], False: []}
 
   def loss(p, one_call):
