@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from jax.experimental.compilation_cache import compilation_cache
 
 from big_vision import checkpointing
 from big_vision import config_cli
@@ -34,16 +35,36 @@ def fmnist_config(data_dir, arg, overrides_with_evals=(), **overrides):
   return config
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_once(tmp_path_factory):
+  """Each train() call jits its functions anew, so a second run of the same config (a
+  resume, a restart) compiled the same programs again: most of these tests' time. A
+  persistent compilation cache of this module's own hands it the same executables."""
+  old = jax.config.jax_compilation_cache_dir
+  compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
+  compilation_cache.reset_cache()  # Other modules may have run with the cache unset.
+  yield
+  jax.config.update("jax_compilation_cache_dir", old)
+  compilation_cache.reset_cache()
+
+
 def read_metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
 
 
-def test_loss_falls_and_workdir_is_complete(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory):
+  """A 30-step UMD run's workdir; test_init_from_... loads it as its source."""
   config = fmnist_config(data_dir, "total_steps=30,lr=2e-2,warmup=0.1", log_training_steps=1,
                          image_steps=20)
-  workdir = str(tmp_path / "run")
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
   train.train(config, workdir)
+  return workdir
+
+
+def test_loss_falls_and_workdir_is_complete(trained_run):
+  workdir = trained_run
   records = read_metrics(workdir)
   assert [r["step"] for r in records] == list(range(1, 31))
   losses = np.array([r["loss"] for r in records])
@@ -214,9 +235,8 @@ def _flat(params):
 
 
 def test_init_from_loads_source_params_and_adds_label_embedding(data_dir, tmp_path,
-                                                                monkeypatch):
-  source = str(tmp_path / "pretrain")
-  train.train(fmnist_config(data_dir, "total_steps=2"), source)
+                                                                monkeypatch, trained_run):
+  source = trained_run  # Read only: its checkpoint of step 30.
   pretrained = _flat(checkpointing.load_params(source)[0]["params"])
 
   # Record the run's own fresh init (merge_params' first argument) and the params that
@@ -252,7 +272,7 @@ def test_init_from_loads_source_params_and_adds_label_embedding(data_dir, tmp_pa
   assert set(first) == set(pretrained) | {label}
   for key in ("['patch_embedding']['kernel']", "['encoder']['block_00']['attn']['qkv']['kernel']",
               "['decoder']['block_00']['mlp']['fc1']['kernel']", "['head']['kernel']"):
-    # The source's trained values, not this run's own init (same seed, but 2 steps apart).
+    # The source's trained values, not this run's own init (same seed, but 30 steps apart).
     assert not np.array_equal(pretrained[key], fresh[key]), key
     np.testing.assert_array_equal(first[key], pretrained[key], err_msg=key)
   for key in pretrained:  # Every source parameter was loaded.
