@@ -1,4 +1,5 @@
 """The benchmark tool: its FLOP counts agree, and one run reports every figure."""
+import json
 import os
 import statistics
 import subprocess
@@ -22,11 +23,28 @@ def test_analytic_matmul_flops_match_xla_count(arg):
   assert analytic < xla < 1.25 * analytic, (analytic, xla)
 
 
-def test_run_reports_every_figure():
-  config = ae_fmnist.get_config("variant=Mu/4,batch_size=16,evals=False,sampling_timesteps=3")
-  lines = []
-  out = benchmark.run(config, steps=2, sample_count=4, input_batches=3, evals=False,
-                      compare=True, profile_steps=1, log=lines.append)
+# Subprocesses compile with LLVM's -O0: most of these tests' time is XLA:CPU compiling
+# (eight steps in the one below); -O0 halves it and leaves the HLO, its fusions and the
+# metadata the profile reads as they are.
+_ENV = dict(os.environ, JAX_PLATFORMS="cpu",
+            XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"))
+
+
+def test_run_reports_every_figure(tmp_path):
+  path = tmp_path / "b.json"
+  code = ("from big_vision.tools import benchmark\n"
+          "from configs import ae_fmnist\n"
+          "config = ae_fmnist.get_config('variant=Mu/4,batch_size=16,evals=False,"
+          "sampling_timesteps=3')\n"
+          "benchmark.run(config, steps=2, sample_count=4, input_batches=3, evals=False,\n"
+          "              compare=True, profile_steps=1, log=lambda l: print('LOG', l),\n"
+          f"              out_path={str(path)!r})\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env=_ENV, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(path) as f:
+    out = json.load(f)
+  lines = [l[4:] for l in result.stdout.splitlines() if l.startswith("LOG ")]
   train = out["train"]
   assert train["flops_source"].startswith("XLA cost analysis")  # XLA counts on a CPU.
   assert train["flops_per_image"] == train["xla_flops_per_image"] > 0
@@ -82,7 +100,7 @@ def test_step_and_sampler_need_no_tensorflow():
           "print('rounds', len(step['step_times_s']), step['timing'])\n"
           "print('ok', step['images_per_s'] > 0 and s['images_per_s'] > 0)\n")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+                          cwd=ROOT, env=_ENV, check=False)
   assert result.returncode == 0 and "ok True" in result.stdout, result.stderr[-2000:]
   assert "rounds 2 median of 2 rounds of 5 steps dispatched back to back" in result.stdout
 
@@ -158,7 +176,7 @@ def test_without_tensorflow_evals_are_skipped_and_json_is_written_on_failure(tmp
           "  out = json.load(open(path))\n"
           "  print('kept', out['train']['images_per_s'] > 0, out['error'])\n")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+                          cwd=ROOT, env=_ENV, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "evals True" in result.stdout and "peak True" in result.stdout, result.stdout
   assert "kept True RuntimeError: boom" in result.stdout, result.stdout
