@@ -42,20 +42,6 @@ def parse_method_arg(arg, method_defaults=None, **defaults):
   return config_parsing.parse_arg(arg, **merged)
 
 
-def _check_ratio(name, value, upper_inclusive=False):
-  ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
-  if not ok:
-    allowed = "[0, 1]" if upper_inclusive else "[0, 1)"
-    raise config_parsing.ConfigError(f"{name}={value} is outside {allowed}")
-
-
-def _check_eta(name, value):
-  if not (isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-          and value >= 0):
-    raise config_parsing.ConfigError(
-        f"{name}={value!r} must be a number >= 0 (0: deterministic DDIM, 1: DDPM-like)")
-
-
 def check_diffusion(config):
   """The diffusion section and the sampling options of the evaluators that use it, by
   diffusion.py's own checks (their ValueErrors become one-line ConfigErrors)."""
@@ -82,15 +68,17 @@ def check_diffusion(config):
         diffusion_lib.check_count(name, value, upper=steps)
       except ValueError as e:
         raise config_parsing.ConfigError(str(e)) from None
-  _check_eta("diffusion.eta", d.get("eta", 0.0))
-  for name, spec in evals.items():
-    if spec.get("eta") is not None:
-      _check_eta(f"evals.{name}.eta", spec["eta"])
+  eta_hint = " (0: deterministic DDIM, 1: DDPM-like)"
+  _check_number("diffusion.eta", d.get("eta", 0.0), 0.0, hint=eta_hint, unset_ok=False)
+  for name, spec in evals.items():  # None: the diffusion section's.
+    _check_number(f"evals.{name}.eta", spec.get("eta"), 0.0, hint=eta_hint)
 
 
-def _check_number(name, value, low, high=None, low_open=False, high_open=True):
-  """A finite number in [low, high) (or (low, ...] per the flags); None: unset, fine."""
-  if value is None:
+def _check_number(name, value, low, high=None, low_open=False, high_open=True, hint="",
+                  unset_ok=True):
+  """A finite number in [low, high) (or (low, ...] per the flags); None: unset, fine
+  unless unset_ok is False."""
+  if value is None and unset_ok:
     return
   ok = (isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
         and np.isfinite(value) and (value > low if low_open else value >= low)
@@ -98,7 +86,8 @@ def _check_number(name, value, low, high=None, low_open=False, high_open=True):
   if not ok:
     interval = ("(" if low_open else "[") + f"{low:g}, " + (
         "inf)" if high is None else f"{high:g}" + (")" if high_open else "]"))
-    raise config_parsing.ConfigError(f"{name}={value!r} must be a finite number in {interval}")
+    raise config_parsing.ConfigError(
+        f"{name}={value!r} must be a finite number in {interval}{hint}")
 
 
 def check_optimizer(config):
@@ -117,9 +106,9 @@ def check_config(config):
   """Raises ConfigError (one line) for values no run could use. Cheap: builds nothing."""
   from big_vision.models import ae  # pylint: disable=g-import-not-at-top
 
-  _check_ratio("mask_ratio", config.mask_ratio)
-  _check_ratio("mask_ratio_no_noise", config.mask_ratio_no_noise)
-  _check_ratio("no_noise_prob", config.no_noise_prob, upper_inclusive=True)
+  for name in ("mask_ratio", "mask_ratio_no_noise", "no_noise_prob"):
+    _check_number(name, config[name], 0.0, 1.0, high_open=name != "no_noise_prob",
+                  unset_ok=False)
   # The mask ratios the run's branches use must each mask something on this patch grid.
   ratios = {}
   if config.no_noise_prob > 0:

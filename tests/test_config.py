@@ -159,9 +159,9 @@ def test_latent_diffusion_space():
 
 
 @pytest.mark.parametrize("arg,match", [
-    ("mask_ratio=1.0", r"mask_ratio=1.0 is outside \[0, 1\)"),
-    ("mask_ratio=-0.1", r"mask_ratio=-0.1 is outside"),
-    ("no_noise_prob=1.5", r"no_noise_prob=1.5 is outside \[0, 1\]"),
+    ("mask_ratio=1.0", r"mask_ratio=1.0 must be a finite number in \[0, 1\)"),
+    ("mask_ratio=-0.1", r"mask_ratio=-0.1 must be a finite number in \[0, 1\)"),
+    ("no_noise_prob=1.5", r"no_noise_prob=1.5 must be a finite number in \[0, 1\]"),
     ("variant=Q/4", r"unknown variant 'Q/4'"),
     ("variant=B/5", r"image size \(64, 64\) is not divisible by the patch size 5"),
     ("remat=sometimes", r"unknown remat_policy 'sometimes'"),
@@ -271,7 +271,8 @@ def _with(arg, **fields):
     ("sampling_timesteps=0", {}, r"diffusion.sampling_timesteps=0 must be an int in "
      r"\[1, 1000\]"),
     ("timesteps=100", {}, r"diffusion.sampling_timesteps=125 must be an int in \[1, 100\]"),
-    ("", dict(diffusion__eta=-0.5), r"diffusion.eta=-0.5 must be a number >= 0"),
+    ("", dict(diffusion__eta=-0.5), r"diffusion.eta=-0.5 must be a finite number in "
+     r"\[0, inf\) \(0: deterministic DDIM, 1: DDPM-like\)"),
     (FINETUNE, dict(evals__samples__sampling_timesteps=1001),
      r"evals.samples.sampling_timesteps=1001 must be an int in \[1, 1000\]"),
     ("", dict(evals__inp=dict(type="inpainting", sampling_timesteps=0)),

@@ -286,7 +286,7 @@ def _run_cli(args, env_extra=None, timeout=120):
 
 
 @pytest.mark.parametrize("arg,message", [
-    ("configs/ae_fmnist.py:mask_ratio=1.0", "mask_ratio=1.0 is outside [0, 1)"),
+    ("configs/ae_fmnist.py:mask_ratio=1.0", "mask_ratio=1.0 must be a finite number in [0, 1)"),
     ("configs/ae_fmnist.py:variant=Z/4", "unknown variant 'Z/4'"),
     ("configs/ae_fmnist.py:variant=S/5", "is not divisible by the patch size 5"),
     ("configs/ae_fmnist.py:mask_raito=0.5", "unknown config option 'mask_raito'"),
