@@ -25,10 +25,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_grad_accumulation_equals_full_batch(data_dir, tmp_path):
   """Through the trainer; UMD's clean/noised split over micro-batches is tested below."""
   states = {}
-  for accum in (1, 4):
-    config = fmnist_config(data_dir, "method=maskdit,total_steps=3,lr=1e-2",
-                           log_training_steps=1, grad_accum_steps=accum)
-    states[accum], _ = train.train(config, str(tmp_path / f"accum{accum}"))
+  # Most compiler optimisations off (both runs alike): compiling was most of the time.
+  before = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    for accum in (1, 4):
+      config = fmnist_config(data_dir, "method=maskdit,total_steps=3,lr=1e-2",
+                             log_training_steps=1, grad_accum_steps=accum)
+      states[accum], _ = train.train(config, str(tmp_path / f"accum{accum}"))
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
   a, b = (read_metrics(str(tmp_path / f"accum{k}")) for k in (1, 4))
   for ra, rb in zip(a, b):
     assert rb.keys() == ra.keys()
@@ -67,11 +73,12 @@ def test_clean_rows_are_a_random_share_of_the_batch_each_step():
   # The loss of the batch in that order, with the step's per-example keys.
   step_key = jax.random.fold_in(rng, 0)
   order = train_step.row_order(step_key, batch_size)
-  loss, m = objective.umd_loss(
-      train_step.make_apply(model), state["params"], batch["image"][order], None,
-      jax.random.split(step_key, batch_size), diffusion, no_noise_prob=0.5,
+  # Jitted: the same computation, compiled once instead of run op by op.
+  loss, m = jax.jit(lambda params, images, keys: objective.umd_loss(
+      train_step.make_apply(model), params, images, None, keys, diffusion, no_noise_prob=0.5,
       mask_ratio=config.mask_ratio, mask_ratio_no_noise=config.mask_ratio_no_noise,
-      grid=model.grid, patch_size=model.patch_size)
+      grid=model.grid, patch_size=model.patch_size))(
+          state["params"], batch["image"][order], jax.random.split(step_key, batch_size))
   np.testing.assert_allclose(metrics["loss_clean"], m["loss_clean"], rtol=1e-5)
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
   # Each step another half of the rows is clean, every row clean in some step.
@@ -129,8 +136,11 @@ def test_replicated_and_fsdp_agree_on_8_devices(data_dir, tmp_path):
               state["opt_state"])[1].addressable_shards}}]
     print("RESULT" + json.dumps(out))
   """)
+  # Most compiler optimisations off: both runs compile the same way, and compiling the
+  # programs, not running them, was most of this test's time.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", WANDB_MODE="disabled", PYTHONPATH=ROOT)
+             JAX_PLATFORMS="cpu", WANDB_MODE="disabled", PYTHONPATH=ROOT,
+             JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600)
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
