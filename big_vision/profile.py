@@ -6,8 +6,8 @@ runs `run_steps(state)` (which must block until its steps are done) under
 `jax.profiler.trace`, reads the trace back with `jax.profiler.ProfileData` and sums the
 time of every XLA op, per step: on a GPU the ops of the device's "XLA Ops" line, or the
 kernels on its streams where the step runs as CUDA graphs; on a CPU those of XLA's worker
-threads. Ops are put in categories by their HLO name and the JAX
-operation they came from (the `tf_op` stat, e.g. ".../attn/qkv/dot_general"):
+threads. Ops are put in categories by their HLO name and the JAX operation they came
+from (the `tf_op` stat, e.g. ".../attn/qkv/dot_general"):
 
   matmul       dots, cuBLAS / Triton GEMMs, convolutions
   attention    fused attention kernels (cuDNN's flash attention)

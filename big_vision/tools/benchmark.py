@@ -4,13 +4,14 @@ r"""Measures where time goes: training step, sampling, input pipeline and evalua
 
 Training step: images/s and the median step time on synthetic batches (so the input
 pipeline does not interfere; on an accelerator, steps dispatched back to back in rounds
-of PIPELINED_STEPS, as the trainer dispatches them), compile time, peak memory, model FLOPs per image
-(forward + backward, from XLA's cost analysis of the same step compiled WITHOUT scan,
-rematerialisation and gradient accumulation, since XLA counts a loop body once and remat
-adds recomputation), achieved FLOP/s and its share of the device's peak: on a CPU the fp32
-matmul rate this command measures on the same machine in the same run; on a GPU the
-vendor's dense bf16 figure (none for a GPU not in GPU_PEAKS, or another accelerator: no
-share of peak then). Sampling: images/s of the config's sampler. Input: images/s of the training
+of PIPELINED_STEPS, as the trainer dispatches them), compile time, peak memory, model
+FLOPs per image (forward + backward, from XLA's cost analysis of the same step compiled
+WITHOUT scan, rematerialisation and gradient accumulation, since XLA counts a loop body
+once and remat adds recomputation), achieved FLOP/s and its share of the device's peak:
+on a CPU the fp32 matmul rate this command measures on the same machine in the same run;
+on a GPU the vendor's dense bf16 figure (none for a GPU not in GPU_PEAKS, or another
+accelerator: no share of peak then), and the rate of a large bf16 matmul measured on the
+same card. Sampling: images/s of the config's sampler. Input: images/s of the training
 pipeline alone. Evaluation: seconds of the few-shot probe and of FID on the config's
 sample count (when the feature network's weights exist).
 
@@ -565,7 +566,8 @@ def main(argv, config):
 
 if __name__ == "__main__":
   host_allocator.restart_with_jemalloc()  # Before any XLA work.
-  flags.DEFINE_integer("steps", 10, "Timed training steps (after compilation).")
+  flags.DEFINE_integer("steps", 10, "Timed training steps (after compilation); on an "
+                       "accelerator in rounds of PIPELINED_STEPS (a remainder is not timed).")
   flags.DEFINE_integer("samples", None, "Images to sample (default: min(batch, 64)).")
   flags.DEFINE_bool("evals", True, "Also time the few-shot probe and FID.")
   flags.DEFINE_bool("sampling", True, "Also time the config's sampler.")
