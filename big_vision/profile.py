@@ -69,8 +69,8 @@ _MODULE_SCOPE = re.compile(r"(?:transpose\()?(?:jvp\()?([A-Z_]\w*)\)*(?:\.(\w+))
 
 
 def _origin(origins, name):
-  """The JAX op_name of a trace event's op: a GPU trace names the kernel of HLO
-  instruction "loop_add_fusion.3" "loop_add_fusion_3"."""
+  """The JAX op_name of a trace event's op ("" if unknown). A GPU trace names the kernel
+  of HLO instruction "loop_add_fusion.3" as "loop_add_fusion_3"."""
   return origins.get(name) or origins.get(re.sub(r"_(\d+)$", r".\1", name), "")
 
 
