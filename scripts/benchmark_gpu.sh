@@ -8,7 +8,9 @@
 # fused attention), cudnn_bf16 (and a bfloat16 residual stream), xla_bf16, profile
 # (cudnn_bf16 with a profile of 3 steps), cublaslt (cudnn_bf16 with XLA's cuBLASLt
 # epilogue fusion), notriton (cudnn_bf16, cuBLAS for every matmul), b512, b1024 and
-# b512_cublaslt (batch 512 or 1024 on the one GPU; 1024 needs more than 80 GB), nn_dense
+# b512_cublaslt (batch 512 or 1024 on the one GPU; 1024 needs more than 80 GB),
+# elementwise, b512_elementwise and b1024_elementwise (cudnn_bf16 with remat=elementwise:
+# GELU and LayerNorm + modulation recomputed in the backward pass), nn_dense
 # (cudnn_bf16 with nn.Dense's 3-D dots instead of TokenDense's flat matmuls), compare
 # (the --compare table: straightforward objective, nn.Dense, scan, remat, each timed in
 # turns with the config's step). Default: the first four; table prints only the table.
@@ -66,13 +68,22 @@ for v in "${variants[@]}"; do
     b512_cublaslt) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=true" \
         bench b512_cublaslt ",attention=cudnn,dtype_activations=bfloat16,batch_size=512" \
         --sampling=false ;;
+    elementwise) bench elementwise ",attention=cudnn,dtype_activations=bfloat16,remat=elementwise" \
+        --sampling=false ;;
+    b512_elementwise) bench b512_elementwise \
+        ",attention=cudnn,dtype_activations=bfloat16,remat=elementwise,batch_size=512" \
+        --sampling=false ;;
+    b1024_elementwise) bench b1024_elementwise \
+        ",attention=cudnn,dtype_activations=bfloat16,remat=elementwise,batch_size=1024" \
+        --sampling=false ;;
     nn_dense) bench nn_dense ",attention=cudnn,dtype_activations=bfloat16,flat_dense=False" \
         --sampling=false ;;
     compare) bench compare ",attention=${COMPARE_ATTENTION:-cudnn},dtype_activations=${COMPARE_ACTIVATIONS:-bfloat16}" \
         --sampling=false --compare ;;
     table) ;;  # Only the table of what OUT_DIR holds.
     *) echo "unknown variant $v; known: xla cudnn cudnn_bf16 xla_bf16 profile cublaslt" \
-         "notriton b512 b1024 b512_cublaslt nn_dense compare table" >&2; exit 2 ;;
+         "notriton b512 b1024 b512_cublaslt elementwise b512_elementwise" \
+         "b1024_elementwise nn_dense compare table" >&2; exit 2 ;;
   esac
 done
 

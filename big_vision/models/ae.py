@@ -43,8 +43,10 @@ SIZES = {
     "H": (1280, 32, 5120, 16, 640, 8),
 }
 
-REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "everything_saveable")
+# "elementwise": only the LayerNorms with AdaLN's modulation and the GELUs are recomputed in
+# the backward pass (see Block); the others are jax.checkpoint_policies for whole blocks.
+REMAT_POLICIES = ("none", "elementwise", "nothing_saveable", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable", "everything_saveable")
 MATMUL_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # xla: einsum, softmax, einsum (any device); cudnn: cuDNN's fused attention (GPU, 16-bit);
 # auto: cudnn where it runs, else xla.
@@ -169,22 +171,44 @@ class Attention(nn.Module):
         out.reshape(b, n, d))
 
 
+def _gelu(x):
+  return nn.gelu(x, approximate=True)
+
+
 class Mlp(nn.Module):
   mlp_dim: int
   dtype: Any = jnp.float32
   flat_dense: bool = True
+  recompute_gelu: bool = False  # In the backward pass, from fc1's output (see Block).
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     dense = dense_module(self.flat_dense)
     x = dense(self.mlp_dim, kernel_init=_dense_init, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=True)
+    x = (jax.checkpoint(_gelu) if self.recompute_gelu else _gelu)(x)
     return dense(d, kernel_init=_dense_init, dtype=self.dtype, name="fc2")(x)
 
 
+class NormModulate(nn.Module):
+  """LayerNorm without scale or bias, then AdaLN's shift and scale (no parameters)."""
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, shift, scale):
+    return _modulate(nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype)(x),
+                     shift, scale)
+
+
 class Block(nn.Module):
-  """Pre-LN transformer block; with `adaln`, DiT's AdaLN-Zero modulation by `cond`."""
+  """Pre-LN transformer block; with `adaln`, DiT's AdaLN-Zero modulation by `cond`.
+
+  `recompute_elementwise` (remat_policy="elementwise"): the backward pass recomputes the
+  LayerNorms (with AdaLN's modulation) and the GELU from their inputs, which are kept
+  anyway, rather than keep their intermediates: 15% less GPU memory for UMD-B/4's step, for 3% more time
+  on an H200; the same speed on a CPU (docs/BENCHMARKS.md). Whole-block remat saves more
+  and recomputes the matmuls too.
+  """
   mlp_dim: int
   num_heads: int
   adaln: bool = True
@@ -192,24 +216,24 @@ class Block(nn.Module):
   attention: str = "xla"
   act_dtype: Any = jnp.float32  # Of the residual stream and the norms' outputs.
   flat_dense: bool = True
+  recompute_elementwise: bool = False
 
   @nn.compact
   def __call__(self, x, cond):
     d = x.shape[-1]
     attn = Attention(self.num_heads, self.dtype, self.attention, self.flat_dense, name="attn")
-    mlp = Mlp(self.mlp_dim, self.dtype, self.flat_dense, name="mlp")
+    mlp = Mlp(self.mlp_dim, self.dtype, self.flat_dense, self.recompute_elementwise,
+              name="mlp")
     if self.adaln:
       mod = nn.Dense(6 * d, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                      name="adaln_modulation")(nn.silu(cond))
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
-      norm = lambda name: nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.act_dtype,
-                                       name=name)
-      h = _modulate(norm("norm1")(x), shift1, scale1)
-      x = x + gate1 * attn(h)
-      h = _modulate(norm("norm2")(x), shift2, scale2)
-      x = x + gate2 * mlp(h)
+      norm = nn.remat(NormModulate) if self.recompute_elementwise else NormModulate
+      x = x + gate1 * attn(norm(self.act_dtype, name="norm1")(x, shift1, scale1))
+      x = x + gate2 * mlp(norm(self.act_dtype, name="norm2")(x, shift2, scale2))
     else:
-      norm = lambda name: nn.LayerNorm(dtype=self.act_dtype, name=name)
+      layer_norm = nn.remat(nn.LayerNorm) if self.recompute_elementwise else nn.LayerNorm
+      norm = lambda name: layer_norm(dtype=self.act_dtype, name=name)
       x = x + attn(norm("norm1")(x))
       x = x + mlp(norm("norm2")(x))
     return x.astype(self.act_dtype), None
@@ -232,12 +256,13 @@ class Stack(nn.Module):
   def __call__(self, x, cond):
     x = x.astype(self.act_dtype)
     block = Block
-    if self.remat_policy != "none":
+    if self.remat_policy not in ("none", "elementwise"):
       policy = getattr(jax.checkpoint_policies, self.remat_policy)
       block = nn.remat(Block, policy=policy, prevent_cse=not self.scan)
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, adaln=self.adaln,
               dtype=self.dtype, attention=self.attention, act_dtype=self.act_dtype,
-              flat_dense=self.flat_dense)
+              flat_dense=self.flat_dense,
+              recompute_elementwise=self.remat_policy == "elementwise")
     if self.scan:
       scanned = nn.scan(block, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},

@@ -167,6 +167,7 @@ VARIANTS = (
     ("nn.Dense as written (a 3-D dot per token Dense)", {"model.flat_dense": False}),
     ("straightforward objective + nn.Dense", {"one_model_call": False,
                                              "model.flat_dense": False}),
+    ("GELU and LayerNorm + modulation recomputed", {"model.remat_policy": "elementwise"}),
     ("scan", {"model.scan": True}),
     ("remat nothing_saveable", {"model.remat_policy": "nothing_saveable"}),
     ("remat dots_saveable", {"model.remat_policy": "dots_saveable"}),
