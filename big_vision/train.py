@@ -269,6 +269,10 @@ def train(config, workdir):
   image_every = config.get("image_steps", 2000)
   vis_images, metrics = None, {}
   try:
+    if start_step and eval_common.run_due(_missing_at(evals, workdir, start_step), start_step,
+                                          total_steps, state, writer, log):
+      # Resumed: the evals due at the checkpoint's step that an interruption cut short.
+      progress.restart(start_step)
     for step in range(start_step + 1, total_steps + 1):
       batch = next(batches)
       if vis_images is None:  # The same first images on every process, replicated.
@@ -295,9 +299,6 @@ def train(config, workdir):
         progress.restart(step)
 
     # The end: final checkpoint and pictures.
-    if total_steps == start_step:  # Resumed at the end: evals an interruption cut short.
-      eval_common.run_due(_missing_at(evals, workdir, total_steps), total_steps,
-                          total_steps, state, writer, log)
     if total_steps > start_step:
       writer.flush()
       ckpt.save(total_steps, state, _data_position(total_steps, batch_size))

@@ -2,6 +2,7 @@
 bad configs fail fast, every method preset trains, and the ImageNet config runs on mock data."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -166,26 +167,51 @@ def test_checkpoint_differences_name_what_the_state_lacks_or_adds(tmp_path):
   ckpt.close()
 
 
-def test_a_run_stopped_in_its_final_evals_runs_them_when_started_again(data_dir, tmp_path):
-  config = fmnist_config(data_dir, "total_steps=1", overrides_with_evals=("evals",))
+def test_a_run_stopped_in_its_evals_runs_them_when_started_again(data_dir, tmp_path):
+  """Stopped in the evals of a checkpoint's step (an intermediate one, then the last), a
+  run started again runs the evals that have no results at that step, and only those."""
+  config = fmnist_config(data_dir, "total_steps=2", overrides_with_evals=("evals",),
+                         ckpt_steps=1)
   config.evals = ml_collections.ConfigDict(dict(
-      val=dict(type="diffusion_loss", split="test[:32]", batch_size=32),
-      val2=dict(type="diffusion_loss", split="test[32:64]", batch_size=32)))
+      val=dict(type="diffusion_loss", split="test[:32]", batch_size=32, every_steps=1),
+      val2=dict(type="diffusion_loss", split="test[32:64]", batch_size=32, every_steps=1)))
   workdir = str(tmp_path / "run")
   train.train(config, workdir)
   first = read_metrics(workdir)
-  # Stopped during the final evals: val's results were written, val2's not.
-  kept = [r for r in first if not any(k.startswith("val2/") for k in r)]
-  assert len(kept) == len(first) - 1
-  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in kept)
+  val2_at = lambda step: [r for r in first if r["step"] == step and "val2/loss" in r]
+  assert len(val2_at(1)) == len(val2_at(2)) == 1
+
+  def assert_same_results(rows, expected):  # Timings aside.
+    assert len(rows) == len(expected)
+    for r, e in zip(rows, expected):
+      timed = lambda k: k.endswith("seconds") or k == "img_per_sec"
+      assert {k: v for k, v in r.items() if not timed(k)} == pytest.approx(
+          {k: v for k, v in e.items() if not timed(k)})
+
+  def stop_before(record, steps_left):
+    """metrics.jsonl and checkpoints as a run stopped right before writing `record`."""
+    kept = first[:first.index(record)]
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    for step in steps_left:
+      shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+    return kept
+
+  # Stopped in step 1's evals, after its checkpoint: val's results were written, val2's not.
+  kept = stop_before(val2_at(1)[0], steps_left=[2])
+  train.train(config, workdir)
+  again = read_metrics(workdir)
+  assert again[:len(kept)] == kept
+  # val2 at step 1 ran on step 1's parameters, and the run went on as the first one did.
+  assert_same_results(again[len(kept):], first[len(kept):])
+
+  # Stopped in the final evals: val2's results at the last step are missing.
+  first = again
+  kept = stop_before(val2_at(2)[0], steps_left=[])
   train.train(config, workdir)
   again = read_metrics(workdir)
   assert again[:-1] == kept
-  val2 = {k: v for r in first for k, v in r.items()
-          if k.startswith("val2/") and not k.endswith("seconds")}
-  assert {k: v for k, v in again[-1].items() if not k.endswith("seconds")} == pytest.approx(
-      dict(val2, step=1))  # The same results: the same final parameters.
+  assert_same_results(again[-1:], val2_at(2))
   train.train(config, workdir)  # Nothing missing: nothing runs again.
   assert read_metrics(workdir) == again
 
