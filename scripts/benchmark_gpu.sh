@@ -68,8 +68,8 @@ for v in "${variants[@]}"; do
     b512_cublaslt) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_cublaslt=true" \
         bench b512_cublaslt ",attention=cudnn,dtype_activations=bfloat16,batch_size=512" \
         --sampling=false ;;
-    elementwise) bench elementwise ",attention=cudnn,dtype_activations=bfloat16,remat=elementwise" \
-        --sampling=false ;;
+    elementwise) bench elementwise \
+        ",attention=cudnn,dtype_activations=bfloat16,remat=elementwise" --sampling=false ;;
     b512_elementwise) bench b512_elementwise \
         ",attention=cudnn,dtype_activations=bfloat16,remat=elementwise,batch_size=512" \
         --sampling=false ;;

@@ -188,17 +188,17 @@ def test_a_run_stopped_in_its_evals_runs_them_when_started_again(data_dir, tmp_p
       assert {k: v for k, v in r.items() if not timed(k)} == pytest.approx(
           {k: v for k, v in e.items() if not timed(k)})
 
-  def stop_before(record, steps_left):
+  def stop_before(record, unsaved_checkpoints):
     """metrics.jsonl and checkpoints as a run stopped right before writing `record`."""
     kept = first[:first.index(record)]
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
-    for step in steps_left:
+    for step in unsaved_checkpoints:
       shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
     return kept
 
   # Stopped in step 1's evals, after its checkpoint: val's results were written, val2's not.
-  kept = stop_before(val2_at(1)[0], steps_left=[2])
+  kept = stop_before(val2_at(1)[0], unsaved_checkpoints=[2])
   train.train(config, workdir)
   again = read_metrics(workdir)
   assert again[:len(kept)] == kept
@@ -207,7 +207,7 @@ def test_a_run_stopped_in_its_evals_runs_them_when_started_again(data_dir, tmp_p
 
   # Stopped in the final evals: val2's results at the last step are missing.
   first = again
-  kept = stop_before(val2_at(2)[0], steps_left=[])
+  kept = stop_before(val2_at(2)[0], unsaved_checkpoints=[])
   train.train(config, workdir)
   again = read_metrics(workdir)
   assert again[:-1] == kept

@@ -205,9 +205,9 @@ class Block(nn.Module):
 
   `recompute_elementwise` (remat_policy="elementwise"): the backward pass recomputes the
   LayerNorms (with AdaLN's modulation) and the GELU from their inputs, which are kept
-  anyway, rather than keep their intermediates: 15% less GPU memory for UMD-B/4's step, for 3% more time
-  on an H200; the same speed on a CPU (docs/BENCHMARKS.md). Whole-block remat saves more
-  and recomputes the matmuls too.
+  anyway, rather than keep their intermediates: 15% less GPU memory for UMD-B/4's step,
+  for 3% more time on an H200; the same speed on a CPU (docs/BENCHMARKS.md). Whole-block
+  remat saves more and recomputes the matmuls too.
   """
   mlp_dim: int
   num_heads: int
