@@ -18,8 +18,8 @@ sample count (when the feature network's weights exist).
   --compare      also times the step's variants against the config's own, in turns
                  (two steps of each, the second timed): the straightforward objective
                  (a model call per branch), nn.Dense's 3-D dots, both, remat of the
-                 elementwise ops only, scan, remat, scan + remat; prints each one's img/s and its step time relative to
-                 the config's (median over rounds).
+                 elementwise ops only, scan, remat, scan + remat; prints each one's
+                 img/s and its step time relative to the config's (median over rounds).
   --compile_only compiles the step and reports XLA's memory analysis without running it:
                  an estimate of device memory for a device this machine does not have.
 """
