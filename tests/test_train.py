@@ -211,9 +211,7 @@ def test_a_run_stopped_in_its_evals_runs_them_when_started_again(data_dir, tmp_p
   train.train(config, workdir)
   again = read_metrics(workdir)
   assert again[:-1] == kept
-  assert_same_results(again[-1:], val2_at(2))
-  train.train(config, workdir)  # Nothing missing: nothing runs again.
-  assert read_metrics(workdir) == again
+  assert_same_results(again[-1:], val2_at(2))  # Only val2 ran again.
 
 
 class FakeCheckpointer:

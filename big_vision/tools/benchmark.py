@@ -17,9 +17,9 @@ sample count (when the feature network's weights exist).
 
   --compare      also times the step's variants against the config's own, in turns
                  (two steps of each, the second timed): the straightforward objective
-                 (a model call per branch), nn.Dense's 3-D dots, both, remat of the
-                 elementwise ops only, scan, remat, scan + remat; prints each one's
-                 img/s and its step time relative to the config's (median over rounds).
+                 (a model call per branch), nn.Dense's 3-D dots, both, scan, remat,
+                 scan + remat; prints each one's img/s and its step time relative to
+                 the config's (median over rounds).
   --compile_only compiles the step and reports XLA's memory analysis without running it:
                  an estimate of device memory for a device this machine does not have.
 """
@@ -167,7 +167,6 @@ VARIANTS = (
     ("nn.Dense as written (a 3-D dot per token Dense)", {"model.flat_dense": False}),
     ("straightforward objective + nn.Dense", {"one_model_call": False,
                                              "model.flat_dense": False}),
-    ("remat elementwise (GELU and LayerNorms only)", {"model.remat_policy": "elementwise"}),
     ("scan", {"model.scan": True}),
     ("remat nothing_saveable", {"model.remat_policy": "nothing_saveable"}),
     ("remat dots_saveable", {"model.remat_policy": "dots_saveable"}),
