@@ -224,16 +224,16 @@ class Block(nn.Module):
     attn = Attention(self.num_heads, self.dtype, self.attention, self.flat_dense, name="attn")
     mlp = Mlp(self.mlp_dim, self.dtype, self.flat_dense, self.recompute_elementwise,
               name="mlp")
+    maybe_remat = nn.remat if self.recompute_elementwise else lambda module: module
     if self.adaln:
       mod = nn.Dense(6 * d, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                      name="adaln_modulation")(nn.silu(cond))
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
-      norm = nn.remat(NormModulate) if self.recompute_elementwise else NormModulate
+      norm = maybe_remat(NormModulate)
       x = x + gate1 * attn(norm(self.act_dtype, name="norm1")(x, shift1, scale1))
       x = x + gate2 * mlp(norm(self.act_dtype, name="norm2")(x, shift2, scale2))
     else:
-      layer_norm = nn.remat(nn.LayerNorm) if self.recompute_elementwise else nn.LayerNorm
-      norm = lambda name: layer_norm(dtype=self.act_dtype, name=name)
+      norm = lambda name: maybe_remat(nn.LayerNorm)(dtype=self.act_dtype, name=name)
       x = x + attn(norm("norm1")(x))
       x = x + mlp(norm("norm2")(x))
     return x.astype(self.act_dtype), None
