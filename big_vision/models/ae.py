@@ -29,6 +29,7 @@ from big_vision.config_parsing import check_int
 from big_vision.config_parsing import is_int
 from big_vision.models import conditioning
 from big_vision.models import masking as masking_lib
+from big_vision.models import norm
 
 # Sizes from the DiffMAE table (encoder parameter counts are those of a plain ViT
 # encoder: Ti 5.7M, S 22M, B 86M, L 304M, H 632M). "Mu" is a micro size for CPU
@@ -43,8 +44,8 @@ SIZES = {
     "H": (1280, 32, 5120, 16, 640, 8),
 }
 
-# "elementwise": only the LayerNorms with AdaLN's modulation and the GELUs are recomputed in
-# the backward pass (see Block); the others are jax.checkpoint_policies for whole blocks.
+# "elementwise": only the GELUs are recomputed in the backward pass (see Block); the others
+# are jax.checkpoint_policies for whole blocks.
 REMAT_POLICIES = ("none", "elementwise", "nothing_saveable", "dots_saveable",
                   "dots_with_no_batch_dims_saveable", "everything_saveable")
 MATMUL_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -92,10 +93,6 @@ def unpatchify(patches, grid_hw, p, c):
   b = patches.shape[0]
   x = patches.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, gh * p, gw * p, c)
-
-
-def _modulate(x, shift, scale):
-  return x * (1 + scale) + shift
 
 
 _dense_init = nn.initializers.xavier_uniform()
@@ -190,24 +187,13 @@ class Mlp(nn.Module):
     return dense(d, kernel_init=_dense_init, dtype=self.dtype, name="fc2")(x)
 
 
-class NormModulate(nn.Module):
-  """LayerNorm without scale or bias, then AdaLN's shift and scale (no parameters)."""
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, shift, scale):
-    return _modulate(nn.LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype)(x),
-                     shift, scale)
-
-
 class Block(nn.Module):
   """Pre-LN transformer block; with `adaln`, DiT's AdaLN-Zero modulation by `cond`.
 
-  `recompute_elementwise` (remat_policy="elementwise"): the backward pass recomputes the
-  LayerNorms (with AdaLN's modulation) and the GELU from their inputs, which are kept
-  anyway, rather than keep their intermediates: 15% less GPU memory for UMD-B/4's step,
-  for 3% more time on an H200; the same speed on a CPU (docs/BENCHMARKS.md). Whole-block
-  remat saves more and recomputes the matmuls too.
+  The LayerNorms keep only their input and per-token statistics for the backward pass
+  (norm.py). `recompute_elementwise` (remat_policy="elementwise"): the backward pass
+  also recomputes the GELU from fc1's output rather than keep its intermediates.
+  Whole-block remat saves more and recomputes the matmuls too.
   """
   mlp_dim: int
   num_heads: int
@@ -224,18 +210,15 @@ class Block(nn.Module):
     attn = Attention(self.num_heads, self.dtype, self.attention, self.flat_dense, name="attn")
     mlp = Mlp(self.mlp_dim, self.dtype, self.flat_dense, self.recompute_elementwise,
               name="mlp")
-    maybe_remat = nn.remat if self.recompute_elementwise else lambda module: module
     if self.adaln:
       mod = nn.Dense(6 * d, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                      name="adaln_modulation")(nn.silu(cond))
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
-      norm = maybe_remat(NormModulate)
-      x = x + gate1 * attn(norm(self.act_dtype, name="norm1")(x, shift1, scale1))
-      x = x + gate2 * mlp(norm(self.act_dtype, name="norm2")(x, shift2, scale2))
+      x = x + gate1 * attn(norm.NormModulate(name="norm1")(x, shift1, scale1))
+      x = x + gate2 * mlp(norm.NormModulate(name="norm2")(x, shift2, scale2))
     else:
-      norm = lambda name: maybe_remat(nn.LayerNorm)(dtype=self.act_dtype, name=name)
-      x = x + attn(norm("norm1")(x))
-      x = x + mlp(norm("norm2")(x))
+      x = x + attn(norm.LayerNorm(self.act_dtype, name="norm1")(x))
+      x = x + mlp(norm.LayerNorm(self.act_dtype, name="norm2")(x))
     return x.astype(self.act_dtype), None
 
 
@@ -340,16 +323,17 @@ class Model(nn.Module):
     if self.num_classes:
       self.y_embedder = conditioning.LabelEmbedder(self.num_classes, self.width)
     self.encoder = Stack(self.depth, self.mlp_dim, self.num_heads, **stack)
-    self.encoder_norm = nn.LayerNorm()
+    self.encoder_norm = norm.LayerNorm()
     self.decoder_embed = dense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
     self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
                                  (1, 1, self.decoder_width))
     if not self.adaln:
       self.decoder_cond = nn.Dense(self.decoder_width, kernel_init=_dense_init)
+      self.decoder_norm = norm.LayerNorm()
     self.decoder = Stack(self.decoder_depth, self.decoder_mlp_dim or 4 * self.decoder_width,
                          self.num_heads, **stack)
-    self.decoder_norm = nn.LayerNorm(use_scale=not self.adaln, use_bias=not self.adaln)
     if self.adaln:
+      self.final_norm = norm.NormModulate()
       self.final_modulation = nn.Dense(2 * self.decoder_width,
                                        kernel_init=nn.initializers.zeros)
     self.head = dense(self.patch_size ** 2 * 2 * self.channels,
@@ -401,10 +385,12 @@ class Model(nn.Module):
     """Decoder tokens -> per-patch predictions [B, N, p*p*2C]."""
     if not self.adaln:
       x = x + self.decoder_cond(cond)[:, None, :]
-    x = self.decoder_norm(self.decoder(x, cond))
+    x = self.decoder(x, cond)
     if self.adaln:
       shift, scale = jnp.split(self.final_modulation(nn.silu(cond))[:, None], 2, axis=-1)
-      x = _modulate(x, shift, scale)
+      x = self.final_norm(x, shift, scale)
+    else:
+      x = self.decoder_norm(x)
     return self.head(x[:, self.num_cls_tokens:]).astype(jnp.float32)
 
   def decode(self, latent, cond, masking):
