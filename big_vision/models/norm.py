@@ -5,9 +5,9 @@ LayerNorm has them as parameters (LayerNorm, flax's parameters). JAX's autodiff 
 LayerNorm keeps two float32 arrays of x's size for the backward pass (the centred and
 the normalised x). The backward pass here keeps x itself (in its own dtype: half the bytes
 in a bfloat16 stream) and two numbers per token (mean, 1/std), and recomputes the
-normalised x where it reads it: less memory and memory traffic (the S/4 step on a 2-core
-CPU: 4% faster, 7% less memory; docs/BENCHMARKS.md), the same values to float32 rounding
-(tests/test_norm.py).
+normalised x where it reads it: less memory and memory traffic (UMD-S/4's step on a
+2-core CPU: 4% faster, 8% less memory; docs/BENCHMARKS.md), the same values to float32
+rounding (tests/test_norm.py).
 """
 import functools
 from typing import Any, Optional
