@@ -87,6 +87,9 @@ def objective(config, arg):
   config.mask_ratio = arg.mask_ratio
   config.mask_ratio_no_noise = arg.mask_ratio_no_noise
   config.no_noise_prob = arg.no_noise_prob
+  # The clean and noised rows through the model in one call (False: a call per branch,
+  # the straightforward way; the same loss and gradients, tests/test_objective.py).
+  config.one_model_call = True
 
 
 def diffusion(arg, latent=False):

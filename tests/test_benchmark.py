@@ -9,6 +9,7 @@ import pytest
 
 from big_vision.tools import benchmark
 from configs import ae_fmnist
+from configs import ae_i1k
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,16 +25,31 @@ def test_analytic_matmul_flops_match_xla_count(arg):
 
 
 # Subprocesses compile with LLVM's -O0: most of these tests' time is XLA:CPU compiling
-# (eight steps in the one below); -O0 halves it and leaves the HLO, its fusions and the
+# (four steps in the one below); -O0 halves it and leaves the HLO, its fusions and the
 # metadata the profile reads as they are.
 _ENV = dict(os.environ, JAX_PLATFORMS="cpu",
             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"))
+
+
+@pytest.mark.parametrize("arg", ["", "method=mae"])
+def test_every_compared_variant_overrides_keys_the_configs_have(arg):
+  """--compare's variants change keys the configs have (the run would ignore a new one)
+  to values other than the config's; compiled and timed below for two of them."""
+  for config in (ae_fmnist.get_config(arg or None), ae_i1k.get_config(arg or None)):
+    for name, overrides in benchmark.VARIANTS:
+      variant = benchmark._override(config, overrides)
+      assert variant.to_dict() != config.to_dict(), name
+  with pytest.raises(KeyError, match="model.scna"):
+    benchmark._override(ae_fmnist.get_config(), {"model.scna": True})
 
 
 def test_run_reports_every_figure(tmp_path):
   path = tmp_path / "b.json"
   code = ("from big_vision.tools import benchmark\n"
           "from configs import ae_fmnist\n"
+          # Two of --compare's variants: each one is a compilation (the test above checks
+          # the others' overrides; test_models and test_objective their results).
+          "benchmark.VARIANTS = benchmark.VARIANTS[:1] + benchmark.VARIANTS[-1:]\n"
           "config = ae_fmnist.get_config('variant=Mu/4,batch_size=16,evals=False,"
           "sampling_timesteps=3')\n"
           "benchmark.run(config, steps=2, sample_count=4, input_batches=3, evals=False,\n"
@@ -58,7 +74,7 @@ def test_run_reports_every_figure(tmp_path):
   assert out["host_allocator"] in ("tcmalloc", "jemalloc", "glibc")
   assert out["sampling"]["steps_in_one_program"] and out["sampling"]["sampling_timesteps"] == 3
   assert out["input"]["images_per_s"] > 0
-  assert set(out["train_variants"]) == {name for name, _ in benchmark.VARIANTS}
+  assert set(out["train_variants"]) == {benchmark.VARIANTS[0][0], benchmark.VARIANTS[-1][0]}
   for variant in out["train_variants"].values():
     assert variant["images_per_s"] > 0
     # Timed in turns with the config's own step: one of each per round.
