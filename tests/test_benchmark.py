@@ -25,8 +25,8 @@ def test_analytic_matmul_flops_match_xla_count(arg):
 
 
 # Subprocesses compile with LLVM's -O0: most of these tests' time is XLA:CPU compiling
-# (three steps and a sampler in the one below); -O0 halves it and leaves the HLO, its fusions and the
-# metadata the profile reads as they are.
+# (three steps and a sampler in the one below); -O0 halves it and leaves the HLO, its
+# fusions and the metadata the profile reads as they are.
 _ENV = dict(os.environ, JAX_PLATFORMS="cpu",
             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"))
 
