@@ -115,6 +115,17 @@ def test_finetune_recipe():
   assert ae_i1k.get_config(FINETUNE + ",no_noise_prob=0.0").no_noise_prob == 0.0
 
 
+# Seed 002's fine-tuning commands: no_noise_prob 0.05 for UMD and MAE, 0.00 for DiT and
+# MaskDiT; the rest of the recipe is shared.
+@pytest.mark.parametrize("method,no_noise_prob,adaln", [
+    ("umd", 0.05, True), ("mae", 0.05, False), ("dit", 0.0, True), ("maskdit", 0.0, True)])
+def test_finetune_recipe_per_method(method, no_noise_prob, adaln):
+  config = ae_i1k.get_config(f"method={method}," + FINETUNE)
+  assert config.no_noise_prob == no_noise_prob and config.model.adaln == adaln
+  assert config.mask_ratio == 0.0 and config.input.batch_size == 256
+  assert config.model.num_classes == 1000
+
+
 @pytest.mark.parametrize("arg", ["finetune=True", "finetune", "finetune=yes,init_from=''"])
 def test_finetune_needs_init_from(arg):
   with pytest.raises(ConfigError, match=r"^finetune=True needs init_from=PRETRAIN_WORKDIR"):
