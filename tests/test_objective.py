@@ -13,8 +13,10 @@ from big_vision.models import masking as masking_lib
 DIFFUSION = diffusion_lib.GaussianDiffusion.create("cosine", 100)
 
 
-def make_fake_apply(calls, x0_err=1.0, eps_err=2.0):
-  """A 'model' predicting x0 = truth + x0_err and eps = truth + eps_err everywhere.
+def make_fake_apply(calls, x0_err=1.0, eps_err=2.0, off_target=10.0):
+  """A 'model' predicting x0 = truth + x0_err on masked pixels and eps = truth + eps_err on
+  visible ones; elsewhere each error is `off_target` times larger, so that a loss reading
+  the wrong pixels of either prediction shows.
 
   The objective calls it once per batch with one masking per branch (clean first), or
   once per branch; `calls` records each branch as a group: its images, t, masked-patch
@@ -33,8 +35,10 @@ def make_fake_apply(calls, x0_err=1.0, eps_err=2.0):
       start += b
     assert start == images.shape[0]
     mask = jnp.concatenate([m.mask for m in groups])
+    masked = masking_lib.mask_to_pixels(mask, (4, 4), 2)
     truth = lambda k: calls_truth[k][offset:offset + start]
-    return dict(x0=truth("x0") + x0_err, eps=truth("eps") + eps_err, mask=mask)
+    return dict(x0=truth("x0") + x0_err * (masked + off_target * (1 - masked)),
+                eps=truth("eps") + eps_err * (1 - masked + off_target * masked), mask=mask)
   return apply
 
 
