@@ -306,6 +306,8 @@ def test_representation_is_clean_unmasked_and_deterministic():
      "unknown attention 'flash'; known: auto, xla, cudnn"),
     (dict(variant="B/4", image_size=64, flat_dense="yes"),
      "flat_dense must be True or False, not 'yes'"),
+    (dict(variant="B/4", image_size=64, adaln="False"), "adaln must be True or False, not 'False'"),
+    (dict(variant="B/4", image_size=64, scan=1), "scan must be True or False, not 1"),
     (dict(variant="B/4", image_size=64, colour=True), r"unknown model option\(s\) colour"),
 ])
 def test_bad_model_config(cfg, match):
@@ -319,3 +321,28 @@ def test_block_masking_in_model():
   variables = model.init(RNGS, x, jnp.zeros(2, jnp.int32), mask_ratio=0.75)
   out = model.apply(variables, x, jnp.zeros(2, jnp.int32), mask_ratio=0.75, rngs=RNGS)
   np.testing.assert_array_equal(out["mask"].sum(1), 48)  # 3 of 4 blocks of 16 patches.
+
+
+@pytest.mark.parametrize("posemb", ["sincos2d", "learn"])
+def test_position_embeddings_tell_patches_apart(posemb, monkeypatch):
+  """Attention is equivariant to permuting tokens: without position embeddings, rolling
+  the input's patches only rolls the output's. With them (encoder and decoder) it does
+  not. The first half checks the premise, so that the second cannot pass by accident."""
+  model = ae.build_model(dict(variant="Mu/4", image_size=16, posemb=posemb))
+  x, t = _images(b=2), jnp.array([0, 300])
+  params = _perturbed(model.init(RNGS, x, t, mask_ratio=0.0)["params"])
+  roll = lambda images: jnp.roll(images, 4, axis=2)  # One patch along the width.
+
+  def rolled_gap(params):
+    out = lambda images: model.apply({"params": params}, images, t, mask_ratio=0.0)["x0"]
+    return float(jnp.abs(out(roll(x)) - roll(out(x))).max())
+
+  if posemb == "learn":
+    no_posemb = {k: (jnp.zeros_like(v) if k.endswith("pos_embedding") else v)
+                 for k, v in params.items()}
+  else:
+    monkeypatch.setattr(ae, "posemb_sincos_2d", lambda h, w, width: jnp.zeros((1, h * w, width)))
+    no_posemb = params
+  assert rolled_gap(no_posemb) < 1e-5
+  monkeypatch.undo()
+  assert rolled_gap(params) > 1e-2

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from big_vision import optimizer
@@ -43,7 +42,7 @@ def test_lr_schedule_scaled_warmup_cosine():
   assert float(fn(100)) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_weight_decay_only_where_masked_and_clipping():
+def test_weight_decay_only_where_masked():
   params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}
   tx, _ = optimizer.make(_config(lr=0.0), params, total_steps=10, warmup_steps=0)
   state = tx.init(params)
@@ -56,11 +55,6 @@ def test_weight_decay_only_where_masked_and_clipping():
   updates, _ = tx.update(zero, state, params)
   assert float(updates["dense"]["kernel"][0, 0]) < 0
   assert float(jnp.abs(updates["dense"]["bias"]).max()) == 0.0
-  # Clipping by global norm: a huge gradient gives the same first Adam step as a clipped one.
-  big = jax.tree_util.tree_map(lambda x: 1e6 * jnp.ones_like(x), params)
-  clip = optax.clip_by_global_norm(1.0)
-  clipped, _ = clip.update(big, clip.init(params))
-  assert float(optimizer.global_norm(clipped)) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_ema_update():

@@ -493,8 +493,9 @@ def _resolve(model_config):
   if kw.get("attention", "xla") not in ATTENTION_IMPLEMENTATIONS:
     raise ConfigError(f"unknown attention {kw['attention']!r}; known: "
                       f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
-  if not isinstance(kw.get("flat_dense", True), bool):
-    raise ConfigError(f"flat_dense must be True or False, not {kw['flat_dense']!r}")
+  for key in ("adaln", "scan", "flat_dense"):  # A string like 'False' would count as True.
+    if not isinstance(kw.get(key, True), bool):
+      raise ConfigError(f"{key} must be True or False, not {kw[key]!r}")
   if kw.get("posemb", "sincos2d") not in ("sincos2d", "learn"):
     raise ConfigError(f"unknown posemb {kw['posemb']!r}; known: sincos2d, learn")
   if kw.get("masking", "random") not in ("random", "block"):
