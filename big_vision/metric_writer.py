@@ -148,8 +148,11 @@ class Progress:
     return rate
 
   def restart(self, step):
-    """Starts the next interval now, so time spent on evals does not count as training."""
-    self._last_time, self._last_step = time.time(), step
+    """Starts the next interval now, so time spent on evals does not count as training.
+    Before the first measured step (evals run on resuming) it does nothing: that step
+    compiles, so it has no rate."""
+    if self._last_time is not None:
+      self._last_time, self._last_step = time.time(), step
 
   def line(self, step, metrics, rate):
     eta = "?"

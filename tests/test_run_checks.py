@@ -33,6 +33,19 @@ def test_eta_beyond_one_day():
   assert "ETA 00:01:40" in short.line(0, {"loss": 1.0, "lr": 1e-4}, rate=10.0)
 
 
+def test_first_step_after_resumed_evals_has_no_rate(monkeypatch):
+  """Resumed runs run the evals due at the checkpoint's step before their first step,
+  which compiles: its line says so rather than a rate and ETA that count compilation."""
+  clock = iter([100.0, 102.0, 103.0, 107.0])
+  monkeypatch.setattr(metric_writer.time, "time", lambda: next(clock))
+  progress = metric_writer.Progress(total_steps=1000, batch_size=128, first_step=500)
+  progress.restart(500)  # Evals at the checkpoint's step (no clock read now).
+  assert progress.measure(501) is None  # t=100: compiled.
+  assert progress.measure(502) == pytest.approx(64.0)  # t=102: one step in 2 s.
+  progress.restart(502)  # t=103, after pictures or evals ...
+  assert progress.measure(504) == pytest.approx(64.0)  # t=107: ... which do not count.
+
+
 @pytest.mark.parametrize("arg,message", [
     ("total_steps=-5", "total_steps=-5"),
     ("epochs=-1.0", "epochs=-1.0"),
