@@ -9,7 +9,9 @@ Input config fields (ml_collections.ConfigDict or anything with `.get`):
   data.name, data.split, data.data_dir (optional, else TFDS_DATA_DIR or TFDS's
   default), data.skip_decode (optional tuple of image features to hand to pp
   still encoded, e.g. ("image",) for ImageNet; by default TFDS decodes them,
-  and the `decode` pp op passes decoded images through), pp, batch_size
+  and the `decode` pp op passes decoded images through); every other key of
+  data is an argument of the dataset's builder (e.g. data.source_dir for
+  image_folder_local; a key the builder does not take is a ConfigError), pp, batch_size
   (GLOBAL), shuffle_buffer_size (training; 0/None: no shuffling), cache_raw
   (cache the examples as read, before pp, in memory), cache_final
   (evaluation: cache the finished batches), prefetch (batches, default 2),
@@ -21,15 +23,13 @@ batch on. This relies on the pipeline being deterministic (seeded file and
 buffer shuffles, per-example augmentation seeds, deterministic tf.data
 ordering), and it costs re-reading and shuffling -- but not preprocessing --
 the n * local_batch examples already consumed: cheap for small datasets,
-minutes deep into ImageNet-sized epochs. `start_global(..., skip_batches=n)`
-gives the same stream for any dataset but also preprocesses what it skips.
-Either way it needs the same data, pp string, seed, batch size and process
-count as the original run. We prefer this to checkpointing the tf.data
+minutes deep into ImageNet-sized epochs. It needs the same data, pp string,
+seed, batch size and process count as the original run. We prefer this to checkpointing the tf.data
 iterator with tf.train.Checkpoint, which stores the shuffle and prefetch
 buffers (GBs for large buffers of images) and breaks with some ops.
 """
 import difflib
-import itertools
+import inspect
 import math
 import os
 import queue
@@ -48,6 +48,54 @@ from big_vision.pp import builder as pp_builder
 from big_vision.pp import rng
 
 MASK_KEY = "_mask"
+# The keys of a data config that the pipeline reads; all others go to the builder.
+DATA_KEYS = ("name", "split", "data_dir", "skip_decode")
+
+
+def builder_kwargs(data_config) -> dict:
+  """The builder's own arguments in a data config (e.g. source_dir): every key but
+  DATA_KEYS; None values are left out, so the builder keeps its default."""
+  return {k: v for k, v in data_config.items() if k not in DATA_KEYS and v is not None}
+
+
+def dataset_builder(data_config, prepare: bool = True) -> tfds.core.DatasetBuilder:
+  """`get_dataset_builder` for a data config: its name, data_dir and builder arguments."""
+  return get_dataset_builder(data_config["name"], data_config.get("data_dir"), prepare,
+                             **builder_kwargs(data_config))
+
+
+def _init_args(cls) -> set[str]:
+  """The keyword arguments a builder class's constructor takes, following **kwargs up
+  its base classes."""
+  names = set()
+  for c in cls.__mro__:
+    if "__init__" not in vars(c):
+      continue
+    params = inspect.signature(c.__init__).parameters.values()
+    names |= {p.name for p in params if p.name != "self" and p.kind in (
+        p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if not any(p.kind == p.VAR_KEYWORD for p in params):
+      break
+  return names
+
+
+def _check_builder_kwargs(name: str, kwargs: dict):
+  """A data key that is neither the pipeline's nor the builder's: a ConfigError (else a
+  typo such as `sorce_dir` would be ignored, or fail deep inside TFDS)."""
+  if not kwargs:
+    return
+  base = datasets.base_name(name)
+  try:
+    cls = datasets.BUILDERS.get(base) or tfds.builder_cls(base)
+  except tfds.core.DatasetNotFoundError:
+    return  # tfds.builder names the unknown dataset.
+  allowed = sorted(_init_args(cls) - set(DATA_KEYS))
+  bad = sorted(set(kwargs) - set(allowed))
+  if bad:
+    raise ConfigError(
+        f"data.{bad[0]}={kwargs[bad[0]]!r}: dataset {name!r} takes no argument "
+        f"{', '.join(bad)}; data's keys are {', '.join(DATA_KEYS)} and the builder's "
+        f"arguments ({', '.join(allowed) or 'none'})")
 
 
 def get_dataset_builder(name: str, data_dir: str | None = None, prepare: bool = True,
@@ -58,9 +106,11 @@ def get_dataset_builder(name: str, data_dir: str | None = None, prepare: bool = 
   collective with several processes: all of them must call it), unless prepare=False,
   which only checks that the name is known. Other TFDS datasets cannot be downloaded
   here, so they must already be prepared in `data_dir` (default: TFDS_DATA_DIR, else
-  ~/tensorflow_datasets).
+  ~/tensorflow_datasets). `builder_kwargs` go to the builder's constructor (e.g.
+  source_dir= for image_folder_local); one it does not take is a ConfigError.
   """
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
+  _check_builder_kwargs(name, builder_kwargs)
   if datasets.base_name(name) in datasets.BUILDERS:
     if not prepare:
       return tfds.builder(name, data_dir=data_dir, **builder_kwargs)
@@ -134,8 +184,8 @@ def _read(builder, split, *, shuffle_files: bool, seed: int,
   if bad:
     images = [k for k, f in features.items()
               if isinstance(f, tfds.features.Image)]
-    raise ValueError(f"data.skip_decode={tuple(skip_decode)!r}: {bad} are not "
-                     f"image features of {builder.name}; those are {images}.")
+    raise ConfigError(f"data.skip_decode={tuple(skip_decode)!r}: {bad} are not "
+                      f"image features of {builder.name}; those are {images}")
   skip = {k: tfds.decode.SkipDecoding() for k in skip_decode}
   read_config = tfds.ReadConfig(
       shuffle_seed=seed,
@@ -157,7 +207,7 @@ def _with_example_seeds(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
 
 def num_classes(data_config) -> int | None:
   """Classes of the dataset's `label` feature (a ClassLabel); None when it has none."""
-  builder = get_dataset_builder(data_config.name, data_config.get("data_dir"), prepare=False)
+  builder = dataset_builder(data_config, prepare=False)
   features = builder.info.features
   label = features["label"] if "label" in features.keys() else None
   return label.num_classes if isinstance(label, tfds.features.ClassLabel) else None
@@ -209,7 +259,7 @@ def training(input_config, *, seed: int | None = None, skip_batches: int = 0
   cfg = input_config
   local_bs = _local_batch_size(cfg.batch_size)
   seed = cfg.get("seed", 0) if seed is None else seed
-  builder = get_dataset_builder(cfg.data.name, cfg.data.get("data_dir"))
+  builder = dataset_builder(cfg.data)
   num_examples = builder.info.splits[cfg.data.split].num_examples
   pp = _preprocess(cfg.pp)  # Fail early on a bad pp.
 
@@ -254,7 +304,7 @@ def evaluation(input_config) -> tuple[tf.data.Dataset, int]:
   cfg = input_config
   local_bs = _local_batch_size(cfg.batch_size)
   count, index = jax.process_count(), jax.process_index()
-  builder = get_dataset_builder(cfg.data.name, cfg.data.get("data_dir"))
+  builder = dataset_builder(cfg.data)
   pp = _preprocess(cfg.pp)
 
   splits = [shard_split(cfg.data.split, i, count) for i in range(count)]
@@ -338,7 +388,7 @@ class _Prefetch(Iterator):
 
 def start_global(dataset: tf.data.Dataset | Iterable[Any],
                  devices_or_sharding: Sequence[jax.Device] | jax.sharding.Sharding,
-                 n_prefetch: int = 1, skip_batches: int = 0) -> Iterator[Any]:
+                 n_prefetch: int = 1) -> Iterator[Any]:
   """Iterates global batches built from this process's local batches.
 
   Every numeric array of a local batch becomes a global `jax.Array` whose
@@ -346,9 +396,8 @@ def start_global(dataset: tf.data.Dataset | Iterable[Any],
   `devices_or_sharding`: a Sharding, or devices to shard the batch over.
   String arrays (e.g. file names) stay local numpy arrays. With
   `n_prefetch` > 0 a background thread keeps that many batches ready on
-  device; the returned iterator then has a `close()` method. `skip_batches`
-  drops that many batches first, to resume (see the module docstring; for
-  `training` datasets, `training(..., skip_batches=n)` is cheaper).
+  device; the returned iterator then has a `close()` method. To resume, skip
+  batches in `training(..., skip_batches=n)` (see the module docstring).
   """
   sharding = _batch_sharding(devices_or_sharding)
 
@@ -358,9 +407,7 @@ def start_global(dataset: tf.data.Dataset | Iterable[Any],
       return x
     return jax.make_array_from_process_local_data(sharding, x)
 
-  if isinstance(dataset, tf.data.Dataset):
-    batches = dataset.skip(skip_batches).as_numpy_iterator()
-  else:
-    batches = itertools.islice(dataset, skip_batches, None)
+  batches = (dataset.as_numpy_iterator() if isinstance(dataset, tf.data.Dataset)
+             else iter(dataset))
   it = (jax.tree.map(_to_global, batch) for batch in batches)
   return _Prefetch(it, n_prefetch) if n_prefetch > 0 else it

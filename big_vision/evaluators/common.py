@@ -203,15 +203,18 @@ def run_due(scheduled, step, total_steps, state, writer, log, force=False):
 
 
 def eval_input_config(context, data=None, pp=None, batch_size=None, split=None):
-  """The eval data config: the training dataset's eval split unless given."""
+  """The eval data config: the training dataset's eval split unless given (its data_dir
+  and builder arguments, e.g. source_dir, too)."""
   cfg = context.config
   data = dict(data or {})
   if not data.get("name"):
     data["name"] = cfg.input.data.name
     data.setdefault("data_dir", cfg.input.data.get("data_dir"))
+    for k, v in input_pipeline.builder_kwargs(cfg.input.data).items():
+      data.setdefault(k, v)
   data["split"] = split or data.get("split") or cfg.get("eval_split", "test")
   # Exists? (Not prepared here: that is collective, and evaluators are built per process.)
-  input_pipeline.get_dataset_builder(data["name"], data.get("data_dir"), prepare=False)
+  input_pipeline.dataset_builder(data, prepare=False)
   n = context.mesh.devices.size  # Eval batches are sharded over every device.
   if not batch_size:
     batch_size = device_multiple(context, min(cfg.input.batch_size, 256))
