@@ -63,14 +63,29 @@ def save_config(config, workdir):
                     config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def _data_position(step, batch_size):
-  """What a checkpoint records of the data stream (the `extra` of checkpointing.py)."""
-  return dict(step=step, examples_seen=step * batch_size, process_count=jax.process_count())
+def _trained_diffusion(config):
+  """The noise levels the model learns: another schedule or T cannot continue a run."""
+  return dict(schedule=config.diffusion.schedule, timesteps=config.diffusion.timesteps)
 
 
-def _check_data_position(ckpt, step, batch_size, workdir, log):
-  """Resuming skips `step` batches of this batch size, each process of its own shard."""
+def _checkpoint_extra(step, batch_size, config):
+  """What a checkpoint records besides the state (the `extra` of checkpointing.py): the
+  data stream's position and the diffusion the model was trained with."""
+  return dict(step=step, examples_seen=step * batch_size, process_count=jax.process_count(),
+              diffusion=_trained_diffusion(config))
+
+
+def _check_resume(ckpt, step, batch_size, config, workdir, log):
+  """Resuming skips `step` batches of this batch size, each process of its own shard,
+  and goes on with the diffusion of the checkpoint."""
   extra = ckpt.extra(step) or {}
+  saved, now = extra.get("diffusion"), _trained_diffusion(config)
+  if saved is not None and saved != now:  # Same shapes: the restore would not notice.
+    ckpt.close()
+    raise ConfigError(
+        f"diffusion {now}, but the checkpoint of step {step} in {workdir} was trained "
+        f"with {saved}; resume with that diffusion, or start a new workdir (init_from=... "
+        "to keep the parameters)")
   seen = extra.get("examples_seen")
   if seen is not None and seen != step * batch_size:  # Would repeat or skip data.
     ckpt.close()  # An orbax manager left open keeps its threads.
@@ -152,7 +167,7 @@ def train(config, workdir):
   ckpt = checkpointing.Checkpointer(workdir)
   resume_step = ckpt.latest_step()
   if resume_step is not None:
-    _check_data_position(ckpt, resume_step, batch_size, workdir, log)
+    _check_resume(ckpt, resume_step, batch_size, config, workdir, log)
     _say_config_changes(config, workdir, log)
   train_ds, num_train = input_pipeline.training(config.input, seed=config.seed,
                                                 skip_batches=resume_step or 0)
@@ -288,7 +303,7 @@ def train(config, workdir):
       if step != total_steps and (step % ckpt_every == 0 or step % image_every == 0):
         writer.flush()  # A remote metrics.jsonl: current in the checkpoint and the curve.
       if step % ckpt_every == 0 and step != total_steps:
-        ckpt.save(step, state, _data_position(step, batch_size))
+        ckpt.save(step, state, _checkpoint_extra(step, batch_size, config))
       if step % image_every == 0 and step != total_steps:
         write_pictures(step, state["params"], vis_images)
         progress.restart(step)
@@ -301,7 +316,7 @@ def train(config, workdir):
     # The end: final checkpoint and pictures.
     if total_steps > start_step:
       writer.flush()
-      ckpt.save(total_steps, state, _data_position(total_steps, batch_size))
+      ckpt.save(total_steps, state, _checkpoint_extra(total_steps, batch_size, config))
       if vis_images is not None:
         write_pictures(total_steps, state["params"], vis_images)
       eval_common.run_due(evals, total_steps, total_steps, state, writer, log)

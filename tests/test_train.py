@@ -109,12 +109,20 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
   assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["6"]
   assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 9))
   ckpt = checkpointing.Checkpointer(resumed)
-  assert ckpt.extra(6) == dict(step=6, examples_seen=6 * 32, process_count=1)
+  assert ckpt.extra(6) == dict(step=6, examples_seen=6 * 32, process_count=1,
+                              diffusion=dict(schedule=config.diffusion.schedule,
+                                             timesteps=config.diffusion.timesteps))
   ckpt.close()
 
   # Another batch size would skip 6 batches of another size: the wrong data position.
   other = fmnist_config(data_dir, "total_steps=12,ema=0.9,batch_size=16", ckpt_steps=6)
   with pytest.raises(ConfigError, match=r"batch_size=16.*step 6.*batch_size=32"):
+    train.train(other, resumed)
+  # Another diffusion has the same state's shapes, but the model learnt other noise levels.
+  other = fmnist_config(data_dir, "total_steps=12,ema=0.9,timesteps=200", ckpt_steps=6)
+  with pytest.raises(ConfigError, match=r"diffusion \{'schedule': 'cosine', 'timesteps': 200\}"
+                                        r", but the checkpoint of step 6 .* trained with "
+                                        r"\{'schedule': 'cosine', 'timesteps': 1000\}"):
     train.train(other, resumed)
   # Another model cannot continue this state.
   other = fmnist_config(data_dir, "total_steps=12,ema=0.9,adaln=False", ckpt_steps=6)
@@ -228,9 +236,9 @@ class FakeCheckpointer:
 
 
 def test_resume_on_another_process_count_warns_and_goes_on():
-  lines = []
+  lines, config = [], fmnist_config("/data", "total_steps=12")
   ckpt = FakeCheckpointer(dict(step=6, examples_seen=6 * 32, process_count=4))
-  train._check_data_position(ckpt, 6, 32, "/w", lines.append)  # This test: 1 process.
+  train._check_resume(ckpt, 6, 32, config, "/w", lines.append)  # This test: 1 process.
   assert not ckpt.closed
   assert len(lines) == 1 and "WARNING" in lines[0], lines
   assert "4 processes and this run has 1" in lines[0]
@@ -238,7 +246,7 @@ def test_resume_on_another_process_count_warns_and_goes_on():
   # The same count, or a checkpoint from before the count was recorded: nothing to say.
   for extra in (dict(examples_seen=6 * 32, process_count=1), dict(examples_seen=6 * 32)):
     lines.clear()
-    train._check_data_position(FakeCheckpointer(extra), 6, 32, "/w", lines.append)
+    train._check_resume(FakeCheckpointer(extra), 6, 32, config, "/w", lines.append)
     assert not lines
 
 
