@@ -10,7 +10,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import big_vision.datasets as bv_datasets
-from big_vision.datasets import fashion_mnist, image_folder
+from big_vision.config_parsing import ConfigError
+from big_vision.datasets import fashion_mnist
 
 SRC = fashion_mnist.DEFAULT_SOURCE_DIR
 needs_debian_files = pytest.mark.skipif(
@@ -187,7 +188,8 @@ def test_image_folder_with_classes_and_test_split(tmp_path):
       np.testing.assert_array_equal(ex["image"], rgb)
 
 
-def test_image_folder_reopens_without_source_and_guards_data_dir(tmp_path):
+def test_image_folder_reopens_without_source_and_guards_data_dir(tmp_path, monkeypatch):
+  monkeypatch.delenv("IMAGE_FOLDER_DIR", raising=False)
   src = tmp_path / "src"
   _labelled_tree(str(src))
   data_dir = str(tmp_path / "tfds")
@@ -196,11 +198,23 @@ def test_image_folder_reopens_without_source_and_guards_data_dir(tmp_path):
   again = tfds.builder("image_folder_local", data_dir=data_dir)
   assert again.info.features["label"].names == ["cat", "dog"]
   assert len(_examples(again, "test")) == 2
-  # Another source folder into the same data_dir is refused.
+  # So does naming the folder it was prepared from.
+  same = tfds.builder("image_folder_local", data_dir=data_dir, source_dir=str(src))
+  assert len(_examples(same, "test")) == 2
+  # Another source folder for the same data_dir is refused, when preparing and when only
+  # reading (it would serve the old folder's images), with one line saying what to do.
   other = tmp_path / "other"
   _save(str(other / "a.png"), np.zeros((2, 2, 3), np.uint8))
-  with pytest.raises(ValueError, match="one prepared folder per data_dir"):
+  with pytest.raises(ConfigError, match="one prepared folder per data_dir") as e:
     bv_datasets.prepare("image_folder_local", data_dir, source_dir=str(other))
+  assert f"prepared from {str(src)!r}, not {str(other)!r}" in str(e.value)
+  assert "\n" not in str(e.value)
+  with pytest.raises(ConfigError, match="one prepared folder per data_dir"):
+    tfds.builder("image_folder_local", data_dir=data_dir, source_dir=str(other))
+  # The environment variable counts as naming a folder.
+  monkeypatch.setenv("IMAGE_FOLDER_DIR", str(other))
+  with pytest.raises(ConfigError, match="IMAGE_FOLDER_DIR"):
+    tfds.builder("image_folder_local", data_dir=data_dir)
 
 
 def test_image_folder_without_classes_has_no_label(tmp_path, monkeypatch):
@@ -245,7 +259,8 @@ def test_image_folder_layout_errors(tmp_path, layout, error):
 
 def test_image_folder_needs_a_source_when_not_prepared(tmp_path, monkeypatch):
   monkeypatch.delenv("IMAGE_FOLDER_DIR", raising=False)
-  with pytest.raises(ValueError, match="IMAGE_FOLDER_DIR"):
+  # A ConfigError: train.py prints it as one line, without a traceback.
+  with pytest.raises(ConfigError, match="data.source_dir .* or IMAGE_FOLDER_DIR"):
     tfds.builder("image_folder_local", data_dir=str(tmp_path))
 
 

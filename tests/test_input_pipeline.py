@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import ml_collections
@@ -20,6 +21,7 @@ from PIL import Image
 import big_vision.datasets as bv_datasets
 from big_vision import input_pipeline
 from big_vision.config_parsing import ConfigError
+from big_vision.evaluators import common as eval_common
 
 NUM_FOLDER_IMAGES = 23  # Odd on purpose: uneven process shards.
 FASHION_PP = ('decode(1)|value_range(-1, 1)|onehot(10, key_result="labels")'
@@ -112,6 +114,96 @@ def test_get_dataset_builder_honours_tfds_data_dir(fashion_dir, monkeypatch):
   assert builder.info.splits["test"].num_examples == 10000
 
 
+# --- The builder's arguments in the data config. ------------------------------
+
+
+def _image_folder(root, values):
+  """A labelled image folder: one 6x6 image per value, filled with it, in class "c<v%3>"."""
+  for v in values:
+    os.makedirs(root / f"c{v % 3}", exist_ok=True)
+    Image.fromarray(np.full((6, 6, 3), v, np.uint8)).save(root / f"c{v % 3}" / f"{v:03d}.png")
+  return str(root)
+
+
+def test_source_dir_in_the_data_config_reaches_the_builder(tmp_path, monkeypatch):
+  # The README's way: data.source_dir, no IMAGE_FOLDER_DIR, a data_dir not yet prepared.
+  monkeypatch.delenv("IMAGE_FOLDER_DIR", raising=False)
+  src = _image_folder(tmp_path / "a", range(10, 19))
+  config = make_config("image_folder_local", "train", str(tmp_path / "tfds"), FOLDER_PP,
+                       batch_size=3)
+  config.data.source_dir = src
+  assert input_pipeline.num_classes(config.data) == 3  # (train.py asks this first.)
+  ds, num_examples = input_pipeline.training(config)
+  assert num_examples == 9
+  assert {int(n.split("/")[1][:3]) for n in names(take(ds, 3))} == set(range(10, 19))
+  ds, num_examples = input_pipeline.evaluation(config)
+  assert num_examples == 9 and len(names(list(ds.as_numpy_iterator()))) == 9
+  # A None value leaves the builder its default (here: the prepared copy).
+  config.data.source_dir = None
+  assert input_pipeline.training(config)[1] == 9
+
+
+def test_another_source_dir_for_a_prepared_data_dir_is_one_config_error(tmp_path,
+                                                                        monkeypatch):
+  # Not a silent run on the images of the folder the data_dir was prepared from.
+  monkeypatch.delenv("IMAGE_FOLDER_DIR", raising=False)
+  a = _image_folder(tmp_path / "a", range(10, 19))
+  b = _image_folder(tmp_path / "b", range(50, 54))
+  config = make_config("image_folder_local", "train", str(tmp_path / "tfds"), FOLDER_PP,
+                       batch_size=3)
+  config.data.source_dir = a
+  assert input_pipeline.training(config)[1] == 9
+  config.data.source_dir = b
+  for call in (lambda: input_pipeline.num_classes(config.data),
+               lambda: input_pipeline.training(config),
+               lambda: input_pipeline.evaluation(config)):
+    with pytest.raises(ConfigError, match="one prepared folder per data_dir") as e:
+      call()
+    assert f"prepared from {a!r}, not {b!r}" in str(e.value) and "\n" not in str(e.value)
+  # Its own data_dir prepares folder b.
+  config.data.data_dir = str(tmp_path / "tfds_b")
+  assert input_pipeline.training(config)[1] == 4
+
+
+@pytest.mark.parametrize("name,key,allowed", [
+    ("image_folder_local", "sorce_dir", "(config, file_format, source_dir, version)"),
+    ("fashion_mnist_local", "shuffle", "(config, file_format, source_dir, version)"),
+    ("imagenet2012", "source_dir", "(config, file_format, version)"),
+])
+def test_a_data_key_the_builder_does_not_take_is_one_config_error(tmp_path, name, key,
+                                                                  allowed):
+  config = make_config(name, "train", str(tmp_path), FOLDER_PP, batch_size=3)
+  config.data[key] = "x"
+  expected = (f"data.{key}='x': dataset {name!r} takes no argument {key}; data's keys are "
+              f"name, split, data_dir, skip_decode and the builder's arguments {allowed}")
+  for call in (lambda: input_pipeline.num_classes(config.data),
+               lambda: input_pipeline.training(config),
+               lambda: input_pipeline.evaluation(config)):
+    with pytest.raises(ConfigError) as e:
+      call()
+    assert str(e.value) == expected
+
+
+def test_evals_without_data_of_their_own_get_the_training_builder_arguments(tmp_path,
+                                                                            monkeypatch):
+  monkeypatch.delenv("IMAGE_FOLDER_DIR", raising=False)
+  src = _image_folder(tmp_path / "a", range(10, 19))
+  config = ml_collections.ConfigDict(dict(
+      input=make_config("image_folder_local", "train", str(tmp_path / "tfds"), FOLDER_PP,
+                        batch_size=4),
+      eval_split="train"))
+  config.input.data.source_dir = src
+  context = types.SimpleNamespace(
+      config=config, mesh=types.SimpleNamespace(devices=np.empty(1, object)))
+  got = eval_common.eval_input_config(context)
+  assert got["data"] == dict(name="image_folder_local", split="train",
+                             data_dir=str(tmp_path / "tfds"), source_dir=src)
+  assert input_pipeline.evaluation(ml_collections.ConfigDict(got))[1] == 9
+  # An eval naming its own dataset does not get them.
+  got = eval_common.eval_input_config(context, data=dict(name="fashion_mnist_local"))
+  assert got["data"] == dict(name="fashion_mnist_local", split="train")
+
+
 # --- Training. ---------------------------------------------------------------
 
 
@@ -155,13 +247,9 @@ def test_training_is_deterministic_and_resumable(fashion_dir):
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["label"], b["label"])
-  # Resuming after 3 batches gives exactly the 4th batch, augmentations too,
-  # whether the skip happens in `training` or in `start_global`.
+  # Resuming after 3 batches gives exactly the 4th batch, augmentations too.
   resumed = take(input_pipeline.training(config, skip_batches=3)[0], 1)[0]
   np.testing.assert_array_equal(resumed["image"], first[3]["image"])
-  it = input_pipeline.start_global(input_pipeline.training(config)[0],
-                                   jax.devices(), n_prefetch=0, skip_batches=3)
-  np.testing.assert_array_equal(np.asarray(next(it)["image"]), first[3]["image"])
   # An explicit seed overrides config.seed.
   explicit = take(input_pipeline.training(config, seed=3)[0], 1)[0]
   np.testing.assert_array_equal(explicit["image"], first[0]["image"])
@@ -185,8 +273,10 @@ def test_pp_without_decode_and_skip_decode(fashion_dir):
   config.pp = "decode(1)|" + config.pp
   again = take(input_pipeline.training(config, seed=0)[0], 1)[0]
   np.testing.assert_array_equal(again["image"], batch["image"])
+  # A ConfigError: train.py prints it as one line, without a traceback.
   config.data.skip_decode = ("label",)
-  with pytest.raises(ValueError, match=r"not image features.*\['image'\]"):
+  with pytest.raises(ConfigError, match=r"data.skip_decode=\('label',\): \['label'\] are "
+                     r"not image features of fashion_mnist_local; those are \['image'\]"):
     input_pipeline.training(config)
 
 

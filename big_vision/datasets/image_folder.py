@@ -15,15 +15,20 @@ files are ignored. Images are stored as their original encoded bytes (checked
 to be readable), so pick a size in the pp string: `decode|resize(64)|...`.
 Every example also has "file_name", its path relative to the split folder.
 
-One prepared copy lives per TFDS data_dir; to prepare two different folders,
-use two data_dirs (preparing a different source into the same data_dir is an
-error rather than a silent reuse).
+One prepared copy lives per TFDS data_dir, and it records the folder it was
+prepared from; to prepare two different folders, use two data_dirs. Naming
+another source folder for a data_dir already prepared (even only to read it)
+is an error rather than a silent reuse of the old images; naming none reads the
+prepared copy. The copy is not refreshed when files are added to or removed
+from its folder: delete it to prepare again.
 """
 import os
 
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
+
+from big_vision.config_parsing import ConfigError
 
 SOURCE_DIR_ENV = "IMAGE_FOLDER_DIR"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -104,6 +109,23 @@ class ImageFolderLocal(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, source_dir: str | None = None, **kwargs):
     self._source_dir = _resolve_source_dir(source_dir)
     super().__init__(**kwargs)
+    self._check_source()
+
+  def _check_source(self):
+    """A prepared copy from another folder would otherwise be read silently."""
+    if self.is_prepared() and self._source_dir:
+      prepared_from = self.info.metadata.get("source_dir")
+      if prepared_from != self._source_dir:
+        raise ConfigError(
+            f"{os.fspath(self.data_path)!r} holds image_folder_local prepared from "
+            f"{prepared_from!r}, not {self._source_dir!r} (source_dir / "
+            f"{SOURCE_DIR_ENV}); use another data_dir (one prepared folder per "
+            "data_dir), delete it to prepare it again, or name no source folder to "
+            "read the prepared copy")
+
+  def download_and_prepare(self, *args, **kwargs):
+    self._check_source()  # Again: another process may have prepared it since __init__.
+    return super().download_and_prepare(*args, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     if (self.data_path / "features.json").exists():
@@ -118,10 +140,10 @@ class ImageFolderLocal(tfds.core.GeneratorBasedBuilder):
         features["label"] = tfds.features.ClassLabel(names=class_names)
       features = tfds.features.FeaturesDict(features)
     else:
-      raise ValueError(
-          f"image_folder_local is not prepared in {os.fspath(self.data_path)!r}"
-          f" and no source folder is given: pass `source_dir=` or set "
-          f"{SOURCE_DIR_ENV}.")
+      raise ConfigError(
+          f"image_folder_local is not prepared in {os.fspath(self.data_path)!r} and no "
+          f"source folder is given: set data.source_dir (the builder's source_dir=) "
+          f"or {SOURCE_DIR_ENV} to a folder of images")
     return tfds.core.DatasetInfo(
         builder=self,
         description="Images from a local folder (see big_vision/datasets/"
@@ -132,22 +154,11 @@ class ImageFolderLocal(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict(source_dir=self._source_dir),
     )
 
-  def download_and_prepare(self, *args, **kwargs):
-    # A prepared copy from another folder would otherwise be reused silently.
-    if self.is_prepared() and self._source_dir:
-      prepared_from = self.info.metadata.get("source_dir")
-      if prepared_from != self._source_dir:
-        raise ValueError(
-            f"{os.fspath(self.data_path)!r} holds image_folder_local prepared "
-            f"from {prepared_from!r}, not {self._source_dir!r}; use another "
-            "data_dir (one prepared folder per data_dir) or delete it.")
-    return super().download_and_prepare(*args, **kwargs)
-
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing is downloaded.
     if not self._source_dir:
-      raise ValueError("image_folder_local needs `source_dir=` or "
-                       f"{SOURCE_DIR_ENV} to be prepared.")
+      raise ConfigError("image_folder_local needs a source folder to be prepared: set "
+                        f"data.source_dir (the builder's source_dir=) or {SOURCE_DIR_ENV}")
     split_files, class_names = scan(self._source_dir)
     split_dirs = _split_dirs(self._source_dir)
     return {split: self._generate_examples(split_dirs[split], files,
