@@ -102,6 +102,18 @@ def _check_resume(ckpt, step, batch_size, config, workdir, log):
         f"Resume on {saved} processes to continue the same data stream.")
 
 
+def _first_images(config, n, data_sharding, replicated):
+  """The first n images of the training stream without its shuffle buffer (files are
+  still read in the seed's order): the same in every run of a config, on every process."""
+  input_config = config.input.copy_and_resolve_references()
+  input_config.shuffle_buffer_size, input_config.cache_raw = 0, False
+  input_config.prefetch = 1
+  dataset, _ = input_pipeline.training(input_config, seed=config.seed)
+  batch = next(input_pipeline.start_global(dataset, data_sharding, n_prefetch=0))
+  first = eval_common.gather(batch["image"])[:n]
+  return jax.make_array_from_callback(first.shape, replicated, lambda i: first[i])
+
+
 def _flat(tree, prefix=""):
   """{dotted key: value} of a JSON tree."""
   if not isinstance(tree, dict):
@@ -236,8 +248,9 @@ def train(config, workdir):
   update = jax.jit(update, in_shardings=(state_shardings, data_sharding),
                    out_shardings=(state_shardings, repl), donate_argnums=(0,))
 
-  # Pictures of reconstructions from a fixed set of training images.
-  vis_n = min(8, batch_size)
+  # Pictures of reconstructions of a fixed set of training images: the first ones of the
+  # config's unshuffled stream (the run's own batches would change with each resume).
+  vis_images = _first_images(config, min(8, batch_size), data_sharding, repl)
 
   @functools.partial(jax.jit, static_argnames=("mask_ratio", "t"))
   def predict_recon(params, images, rng, mask_ratio, t):
@@ -282,7 +295,7 @@ def train(config, workdir):
   log_every = config.get("log_training_steps", 50)
   ckpt_every = config.get("ckpt_steps", 1000)
   image_every = config.get("image_steps", 2000)
-  vis_images, metrics = None, {}
+  metrics = {}
   try:
     if start_step and eval_common.run_due(_missing_at(evals, workdir, start_step), start_step,
                                           total_steps, state, writer, log):
@@ -290,9 +303,6 @@ def train(config, workdir):
       progress.restart(start_step)
     for step in range(start_step + 1, total_steps + 1):
       batch = next(batches)
-      if vis_images is None:  # The same first images on every process, replicated.
-        first = eval_common.gather(batch["image"])[:vis_n]
-        vis_images = jax.make_array_from_callback(first.shape, repl, lambda i: first[i])
       state, metrics = update(state, batch)
       if step % log_every == 0 or step == total_steps or step == start_step + 1:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -317,8 +327,7 @@ def train(config, workdir):
     if total_steps > start_step:
       writer.flush()
       ckpt.save(total_steps, state, _checkpoint_extra(total_steps, batch_size, config))
-      if vis_images is not None:
-        write_pictures(total_steps, state["params"], vis_images)
+      write_pictures(total_steps, state["params"], vis_images)
       eval_common.run_due(evals, total_steps, total_steps, state, writer, log)
   finally:  # Also when interrupted: let pending checkpoint writes finish.
     ckpt.wait()
