@@ -2,7 +2,8 @@
 # The main job: installs (scripts/setup.sh), trains the Fashion-MNIST feature network for
 # FID/IS once if its weights are missing (about 2 minutes), then trains UMD on
 # Fashion-MNIST on the CPU in WORKDIR (default workdirs/umd_fmnist). Extra arguments go
-# to the trainer; give another method its own WORKDIR, e.g.
+# to the trainer (without a --config, overrides of the default one); give another method
+# its own WORKDIR, e.g.
 #   WORKDIR=workdirs/mae_fmnist bash scripts/train_fmnist.sh --config configs/ae_fmnist.py:method=mae
 # FEATURE_NET=PATH keeps the feature network elsewhere: an ae_fmnist --config that does
 # not set feature_net= gets it added, so that the FID/IS evals find it there.
@@ -26,7 +27,12 @@ with_feature_net() {  # CONFIG_SPEC: adds feature_net=FEATURE_NET to ae_fmnist's
   fi
 }
 
-if [ $# -eq 0 ]; then set -- --config configs/ae_fmnist.py; fi
+# Without a --config, the default one (extra arguments then override its fields).
+has_config=0
+for arg in "$@"; do
+  case $arg in --config|--config=*) has_config=1 ;; esac
+done
+if [ $has_config -eq 0 ]; then set -- --config configs/ae_fmnist.py "$@"; fi
 args=()
 while [ $# -gt 0 ]; do
   case $1 in

@@ -304,6 +304,9 @@ def _train_fmnist(tmp_path, args, feature_net):
 
 @pytest.mark.parametrize("args,expected", [
     ([], ["--config", "configs/ae_fmnist.py:feature_net='{}'"]),
+    # Only overrides: the default config, which they override.
+    (["--config.ckpt_steps=100"],
+     ["--config", "configs/ae_fmnist.py:feature_net='{}'", "--config.ckpt_steps=100"]),
     (["--config", "configs/ae_fmnist.py:method=mae", "--x"],
      ["--config", "configs/ae_fmnist.py:method=mae,feature_net='{}'", "--x"]),
     (["--config=configs/ae_fmnist.py", "--config.seed=1"],
