@@ -117,23 +117,29 @@ def test_umd_grad_accumulation_is_the_full_batch_computation(no_noise_prob, accu
 
 def test_replicated_and_fsdp_agree_on_8_devices(data_dir, tmp_path):
   code = textwrap.dedent(f"""
-    import json, jax, numpy as np
+    import json, jax, numpy as np, optax
     from tests.test_train import fmnist_config, read_metrics
     from big_vision import train
     assert jax.device_count() == 8
     out = {{}}
+    shards = lambda x: sorted({{tuple(s.data.shape) for s in x.addressable_shards}})
+    fc1 = lambda tree: tree["encoder"]["block_00"]["mlp"]["fc1"]["kernel"]
     for fsdp in (False, True):
       config = fmnist_config({data_dir!r}, f"variant=Mu/4,total_steps=3,fsdp={{fsdp}}",
                              log_training_steps=1)
       workdir = {str(tmp_path)!r} + f"/fsdp{{fsdp}}"
       state, _ = train.train(config, workdir)
       out[str(fsdp)] = [r["loss"] for r in read_metrics(workdir)]
-      kernel = state["params"]["encoder"]["block_00"]["mlp"]["fc1"]["kernel"]
-      shards = {{s.data.shape for s in kernel.addressable_shards}}
-      out[str(fsdp) + "_shards"] = [list(s) for s in shards]
-      out[str(fsdp) + "_mu_shards"] = [list(s) for s in {{
-          s.data.shape for s in jax.tree_util.tree_leaves(
-              state["opt_state"])[1].addressable_shards}}]
+      out[str(fsdp) + "_shards"] = shards(fc1(state["params"]))
+      # Adam's moments: the same kernel's, and whether every moment is split like its
+      # parameter (a replicated opt_state under FSDP would hold 8x the memory).
+      params = jax.tree_util.tree_leaves(state["params"])
+      for name in ("mu", "nu"):
+        moments = optax.tree_utils.tree_get(state["opt_state"], name)
+        out[str(fsdp) + f"_{{name}}_shards"] = shards(fc1(moments))
+        out[str(fsdp) + f"_{{name}}_like_params"] = all(
+            shards(m) == shards(p) for m, p in zip(
+                jax.tree_util.tree_leaves(moments), params, strict=True))
     print("RESULT" + json.dumps(out))
   """)
   # Most compiler optimisations off: both runs compile the same way, and compiling the
@@ -148,6 +154,10 @@ def test_replicated_and_fsdp_agree_on_8_devices(data_dir, tmp_path):
   import json
   out = json.loads(line[0][len("RESULT"):])
   np.testing.assert_allclose(out["True"], out["False"], rtol=1e-5)
-  # Replicated: every device holds the whole (64, 256) kernel; FSDP: 1/8 of it.
-  assert out["False_shards"] == [[64, 256]]
-  assert out["True_shards"] == [[64, 32]]
+  # Replicated: every device holds the whole (64, 256) kernel; FSDP: 1/8 of it, split
+  # along its largest dimension. Its Adam moments likewise, and every moment like its
+  # parameter.
+  for fsdp, kernel_shard in (("False", [64, 256]), ("True", [64, 32])):
+    for what in ("", "_mu", "_nu"):
+      assert out[fsdp + what + "_shards"] == [kernel_shard], (fsdp, what)
+    assert out[fsdp + "_mu_like_params"] and out[fsdp + "_nu_like_params"], fsdp
