@@ -18,7 +18,9 @@ def reconstruct(apply_fn, params, images, rng, *, mask_ratio, grid, patch_size, 
     images: clean [B, H, W, C] in [-1, 1].
     t: None for clean inputs, else an int diffusion step (0-based) applied to all images.
   Returns:
-    dict(input=what the encoder saw, masked patches grey; prediction=x0 everywhere;
+    dict(input=what the encoder saw, masked patches grey; prediction=x0 everywhere (the
+         x0 head's on masked pixels; on the visible pixels of noised inputs, x0 from the
+         eps head, which is what training scores there);
          reconstruction=visible pixels of the original + predicted masked pixels;
          mask=[B,H,W,1] pixel mask).
   """
@@ -39,7 +41,10 @@ def reconstruct(apply_fn, params, images, rng, *, mask_ratio, grid, patch_size, 
   out = apply_fn(params, x_in, t_model, labels, mask_ratio=mask_ratio,
                  rngs={"mask": rng_mask, "dropout": rng_mask})
   mask = masking_lib.mask_to_pixels(out["mask"], grid, patch_size)
-  prediction = jnp.clip(out["x0"], -1.0, 1.0)
+  x0 = out["x0"]
+  if t is not None:  # No method trains the x0 head on visible noised pixels (DiT: nowhere).
+    x0 = jnp.where(mask > 0, x0, diffusion.predict_x0_from_eps(x_in, t_arr, out["eps"]))
+  prediction = jnp.clip(x0, -1.0, 1.0)
   return dict(input=jnp.where(mask > 0, 0.0, x_in),
               prediction=prediction,
               reconstruction=jnp.where(mask > 0, prediction, images),
