@@ -246,6 +246,24 @@ def test_sampling_evaluator_missing_weights_is_skipped_with_reason(data_dir, tmp
   assert len(said) == 1 and "eval s skipped" in said[0] and "train_feature_net" in said[0]
 
 
+@pytest.mark.parametrize("content", [b"", "half"])
+def test_unreadable_feature_net_weights_are_a_config_error_naming_the_file(
+    data_dir, tmp_path, feature_net_weights, content):
+  """Not an EOFError or BadZipFile from inside numpy, before the hosts' vote."""
+  ctx, _ = make_context(data_dir, str(tmp_path))
+  path = str(tmp_path / "broken.npz")
+  if content == "half":
+    with open(feature_net_weights, "rb") as f:
+      content = f.read()[:4000]
+  with open(path, "wb") as f:
+    f.write(content)
+  config = ml_collections.ConfigDict(dict(evals=dict(s=dict(
+      type="sampling", feature_net=dict(kind="fmnist_classifier", weights=path)))))
+  with pytest.raises(ConfigError, match=r"evals.s: .*broken.npz \(\d+ bytes\) is not a "
+                                        r"readable .npz file.*train_feature_net --out"):
+    common.build(config, ctx, 100, 10)
+
+
 def test_feature_net_of_another_image_shape_is_a_config_error(data_dir, tmp_path,
                                                               feature_net_weights):
   ctx, _ = make_context(data_dir, str(tmp_path))

@@ -1,4 +1,6 @@
 """FID and IS against closed forms; the statistics cache; the feature-net metric names."""
+import os
+
 import numpy as np
 import pytest
 
@@ -123,3 +125,49 @@ def test_scorer_cache_key_follows_weights_file_and_pp(tmp_path):
   assert not np.allclose(mu_b, mu_a)
   reference(pp="value_range(-1, 1)|keep('image')")
   assert len(computed) == 3
+
+
+def test_save_npz_interrupted_leaves_the_old_file(tmp_path, monkeypatch):
+  path = str(tmp_path / "w.npz")
+  fid_math.save_npz(path, a=np.arange(3.0))
+
+  def interrupted(file, **arrays):  # Writes half a file, then dies.
+    with open(file, "wb") as f:
+      f.write(b"PK\x03\x04half")
+    raise KeyboardInterrupt
+  monkeypatch.setattr(np, "savez", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    fid_math.save_npz(path, a=np.arange(5.0))
+  monkeypatch.undo()
+  np.testing.assert_array_equal(fid_math.load_npz(path, "")["a"], np.arange(3.0))
+  assert os.listdir(tmp_path) == ["w.npz"]  # No temporary file left behind.
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", "half"])
+def test_unreadable_fmnist_weights_are_a_value_error_naming_the_path(tmp_path, content):
+  import jax
+  import jax.numpy as jnp
+  from big_vision.evaluators import feature_nets
+  from big_vision.models import fmnist_classifier
+  path = str(tmp_path / "fmnist_classifier.npz")
+  if content == "half":  # Good weights cut short, as an interrupted np.savez left them.
+    params = fmnist_classifier.Classifier().init(jax.random.PRNGKey(0),
+                                                 jnp.zeros((1, 28, 28, 1)))["params"]
+    fmnist_classifier.save(params, path, {})
+    with open(path, "rb") as f:
+      content = f.read()[:5000]
+  with open(path, "wb") as f:
+    f.write(content)
+  with pytest.raises(ValueError, match=r"fmnist_classifier.npz \(\d+ bytes\) is not a "
+                                       r"readable .npz file.*retrain the feature network: "
+                                       r"train them once with `python -m "
+                                       r"big_vision.tools.train_feature_net"):
+    feature_nets.load("fmnist_classifier", path)
+
+
+def test_fmnist_weights_of_another_network_say_to_retrain(tmp_path):
+  from big_vision.models import fmnist_classifier
+  path = str(tmp_path / "other.npz")
+  np.savez(path, **{"Conv_0/kernel": np.zeros((3, 3, 1, 16))})
+  with pytest.raises(ValueError, match="does not hold fmnist_classifier weights.*retrain"):
+    fmnist_classifier.load(path)

@@ -100,3 +100,46 @@ def test_inception_score_probabilities_leave_out_the_fc_bias(tmp_path, weights):
   np.testing.assert_allclose(probs, plain_probs, rtol=1e-4, atol=1e-7)
   expected = jax.nn.softmax(jnp.asarray(feats, jnp.float32) @ flat["fc/kernel"])
   np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an npz", "half"])
+def test_unreadable_weights_are_a_value_error_saying_to_convert_again(tmp_path, weights,
+                                                                      content):
+  """An empty or cut-short file raised EOFError / BadZipFile from deep inside numpy."""
+  path = str(tmp_path / "inception_fid.npz")
+  if content == "half":
+    with open(weights, "rb") as f:
+      content = f.read()[:1 << 20]
+  with open(path, "wb") as f:
+    f.write(content)
+  with pytest.raises(ValueError, match=r"inception_fid.npz \(\d+ bytes\) is not a readable "
+                                       r".npz file.*re-run the conversion.*"
+                                       r"convert_inception_weights --src that.pth --out"):
+    feature_nets.load("inception", path)
+
+
+def test_conversion_interrupted_leaves_no_half_file(tmp_path, monkeypatch):
+  state = {"fc.weight": np.zeros((1008, 2048), np.float32)}
+
+  def interrupted(file, **arrays):
+    with open(file, "wb") as f:
+      f.write(b"PK\x03\x04")
+    raise KeyboardInterrupt
+  monkeypatch.setattr(np, "savez", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    convert.convert(state, str(tmp_path / "out.npz"))
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+def test_images_of_other_channel_counts_are_refused(weights, channels):
+  """jax.image.resize to 3 channels would interpolate 2 or 4 into 3 without a word."""
+  net = feature_nets.load("inception", weights)
+  with pytest.raises(ValueError, match=rf"takes images \[B, H, W, 1 or 3\], not shape "
+                                       rf"\(2, 28, 28, {channels}\)"):
+    net(np.zeros((2, 28, 28, channels), np.float32))
+  with pytest.raises(ValueError, match=rf"feature_net: feature network 'inception' takes "
+                                       rf"images of 1 or 3 channels, not 28x28x{channels}"):
+    net.check_images((28, 28, channels), "feature_net")
+  net.check_images((32, 32, 3), "feature_net")
+  net.check_images((28, 28, 1), "feature_net")

@@ -5,12 +5,16 @@ The trace of the square root is computed from the eigenvalues of S1^(1/2) S2 S1^
 a symmetric PSD matrix similar to S1 S2, so both have the same (non-negative) eigenvalues
 and Tr((S1 S2)^(1/2)) = sum sqrt(eig). No scipy needed, and no complex round-off.
 IS = exp(E_x KL(p(y|x) || p(y))), the mean and spread over `num_splits` splits.
+
+Also the .npz helpers of every file the evaluators read back (cached statistics, feature
+network weights): written atomically, and read with a ValueError naming a broken file.
 """
 import hashlib
 import os
 import re
 import threading
 import uuid
+import zipfile
 
 import numpy as np
 
@@ -89,20 +93,54 @@ def inception_score(probs, num_splits=10):
   return float(np.mean(scores)), float(np.std(scores))
 
 
-def save_statistics(path, mu, sigma, **metadata):
+def save_npz(path, **arrays):
+  """np.savez(path, **arrays), atomically: an interrupted write leaves no half file.
+
+  Written to a temporary file in the same directory (the same file system), then renamed.
+  The temporary name is this writer's own: several processes (hosts sharing a directory)
+  may write the same file at once.
+  """
+  path = os.path.expanduser(os.fspath(path))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  # A temporary name of this writer's own: several processes (hosts sharing the cache
-  # directory) may write the same statistics at once.
   tmp = f"{path}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}.tmp.npz"
-  np.savez(tmp, mu=mu, sigma=sigma, **{f"meta_{k}": np.asarray(str(v)) for k, v in
-                                        metadata.items()})
-  os.replace(tmp, path)  # Atomic: concurrent readers never see half a file.
+  try:
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # Atomic: concurrent readers never see half a file.
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def load_npz(path, remedy):
+  """{name: numpy array} of an .npz (no pickle).
+
+  A missing file raises FileNotFoundError; an empty, truncated or otherwise unreadable one
+  a ValueError naming the path and ending with `remedy` (what to do about it).
+  """
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found; {remedy}")
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      return {k: np.asarray(data[k]) for k in data.files}
+  except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    size = os.path.getsize(path)
+    raise ValueError(f"{path} ({size} bytes) is not a readable .npz file, empty, truncated "
+                     f"or corrupt ({type(e).__name__}: {e}); {remedy}") from e
+
+
+def save_statistics(path, mu, sigma, **metadata):
+  save_npz(path, mu=mu, sigma=sigma,
+           **{f"meta_{k}": np.asarray(str(v)) for k, v in metadata.items()})
 
 
 def load_statistics(path):
-  with np.load(path, allow_pickle=False) as data:
-    meta = {k[5:]: str(data[k]) for k in data.files if k.startswith("meta_")}
-    return data["mu"], data["sigma"], meta
+  data = load_npz(path, "delete it: the statistics are computed again")
+  if "mu" not in data or "sigma" not in data:
+    raise ValueError(f"{path} holds no FID statistics (mu, sigma); delete it: the "
+                     "statistics are computed again")
+  meta = {k[5:]: str(v) for k, v in data.items() if k.startswith("meta_")}
+  return data["mu"], data["sigma"], meta
 
 
 def cache_path(cache_dir, key_fields):

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_vision.evaluators import fid_math  # numpy only: its atomic .npz writer and reader.
+
 NAME = "fmnist_classifier"
 IMAGE_SHAPE = (28, 28, 1)  # Fashion-MNIST's, the only images it takes.
 
@@ -37,29 +39,37 @@ class Classifier(nn.Module):
 
 
 def save(params, path, info):
+  """Writes the weights (.npz) and `info` (.json beside it), each atomically: an interrupted
+  write leaves the old file or none, never half of one."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
-  with open(os.path.splitext(path)[0] + ".json", "w") as f:
+  fid_math.save_npz(path, **{k: np.asarray(v) for k, v in flat.items()})
+  info_path = os.path.splitext(path)[0] + ".json"
+  tmp = f"{info_path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
     json.dump(info, f, indent=2)
+  os.replace(tmp, info_path)
+
+
+def _train_hint(path):
+  return (f"train them once with `python -m big_vision.tools.train_feature_net --out {path}` "
+          "(a few minutes on a CPU)")
 
 
 def load(path):
-  """Returns params; a missing file says how to make one."""
+  """Returns params. A missing file raises FileNotFoundError, an unreadable one (empty,
+  truncated) or one of other weights ValueError; both say how to make it."""
   if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"feature network weights {path} not found; train them once with "
-        f"`python -m big_vision.tools.train_feature_net --out {path}` (a few minutes on a CPU)")
-  with np.load(path, allow_pickle=False) as data:
-    flat = {k: jnp.asarray(data[k]) for k in data.files}
-  params = flax.traverse_util.unflatten_dict(flat, sep="/")
+    raise FileNotFoundError(f"feature network weights {path} not found; {_train_hint(path)}")
+  flat = fid_math.load_npz(path, f"retrain the feature network: {_train_hint(path)}")
   expected = jax.eval_shape(lambda: Classifier().init(jax.random.PRNGKey(0),
                                                       jnp.zeros((1, *IMAGE_SHAPE)))["params"])
   want = {k: v.shape for k, v in flax.traverse_util.flatten_dict(expected, sep="/").items()}
   got = {k: v.shape for k, v in flat.items()}
   if want != got:
-    raise ValueError(f"{path} does not hold {NAME} weights: expected {want}, found {got}")
-  return params
+    raise ValueError(f"{path} does not hold {NAME} weights: expected {want}, found {got}; "
+                     f"retrain the feature network: {_train_hint(path)}")
+  return flax.traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()},
+                                           sep="/")
 
 
 def feature_fn(path):

@@ -23,8 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from big_vision.evaluators import fid_math  # numpy only: its atomic .npz writer and reader.
+
 NAME = "inception"
 NUM_LOGITS = 1008
+CHANNELS = (1, 3)  # Grey images are tiled to RGB; any other count is refused.
 
 
 class ConvBN(nn.Module):
@@ -149,6 +152,10 @@ class FIDInceptionV3(nn.Module):
   @nn.compact
   def __call__(self, images):
     x = jnp.asarray(images, jnp.float32)
+    # The resize below would interpolate 2 or 4 channels into 3 without a word.
+    if x.ndim != 4 or x.shape[-1] not in CHANNELS:
+      raise ValueError(f"the Inception FID network takes images [B, H, W, 1 or 3], not shape "
+                       f"{tuple(x.shape)}")
     if x.shape[-1] == 1:
       x = jnp.repeat(x, 3, axis=-1)
     x = jax.image.resize(x, (x.shape[0], 299, 299, 3), "bilinear", antialias=False)
@@ -182,15 +189,21 @@ def expected_shapes():
   return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(shapes, sep="/").items()}
 
 
+def _convert_hint(path):
+  return ("Download pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release) on a machine "
+          "that can, then run `python -m big_vision.tools.convert_inception_weights --src "
+          f"that.pth --out {path}`")
+
+
 def load_fid_weights(path):
-  """Params from a converted .npz; every name and shape is checked."""
+  """Params from a converted .npz; every name and shape is checked.
+
+  FileNotFoundError when it is missing; ValueError when it is unreadable (empty, truncated)
+  or holds other weights. Both say how to make it.
+  """
   if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"Inception FID weights {path} not found. Download pt_inception-2015-12-05-6726825d.pth "
-        "(pytorch-fid's release) on a machine that can, then run `python -m "
-        f"big_vision.tools.convert_inception_weights --src that.pth --out {path}`")
-  with np.load(path, allow_pickle=False) as data:
-    flat = {k: np.asarray(data[k]) for k in data.files}
+    raise FileNotFoundError(f"Inception FID weights {path} not found. {_convert_hint(path)}")
+  flat = fid_math.load_npz(path, f"re-run the conversion. {_convert_hint(path)}")
   want = expected_shapes()
   missing = sorted(set(want) - set(flat))
   unexpected = sorted(set(flat) - set(want))
@@ -199,14 +212,20 @@ def load_fid_weights(path):
     detail = "; ".join(f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
                        for what, names in (("missing", missing), ("unexpected", unexpected),
                                            ("wrong shape", misshaped)) if names)
-    raise ValueError(f"{path} is not an Inception FID weights file ({detail})")
+    raise ValueError(f"{path} is not an Inception FID weights file ({detail}). "
+                     f"{_convert_hint(path)}")
   return flax.traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()},
                                            sep="/")
 
 
+def save_flat_weights(flat, path):
+  """Writes {"Mixed_5b/branch1x1/conv/kernel": array, ...} as float32, atomically (an
+  interrupted write leaves no half file)."""
+  fid_math.save_npz(path, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+
+
 def save_weights(params, path):
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-  np.savez(path, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+  save_flat_weights(flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/"), path)
 
 
 def make_random_weights(path, seed=0):

@@ -42,8 +42,8 @@ def convert(state_dict, out):
     key, array = torch_name_to_flax(name, np.asarray(value))
     if key is not None:
       flat[key] = array
-  os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
-  np.savez(out, **flat)
+  # Written whole or not at all (an interrupted conversion leaves no half file).
+  inception.save_flat_weights(flat, out)
   inception.load_fid_weights(out)  # Every name and shape must match the network.
   return out
 
