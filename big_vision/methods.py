@@ -3,8 +3,9 @@
 All methods train the same auto-encoder with the UMD split of each batch (see
 docs in ../shared/notes/methods.md and README): a share `no_noise_prob` is clean and
 masked with `mask_ratio_no_noise` (x0 loss on masked pixels); the rest is noised and
-masked with `mask_ratio` (eps loss on visible, x0 loss on masked pixels). A method is
-nothing but defaults for these knobs; explicit options always win.
+masked with `mask_ratio` (eps loss on visible, and unless `noised_x0_loss=False`, x0 loss
+on masked pixels). A method is nothing but defaults for these knobs and the model's
+masking; explicit options always win.
 """
 import numpy as np
 
@@ -13,11 +14,17 @@ from big_vision import config_parsing
 # Defaults per method. UMD's follow the official UMD config (no_noise_prob 0.5,
 # mask ratios 0.375 noised / 0.75 clean); MAE is the clean branch alone without AdaLN;
 # DiT is the noised branch without masking; MaskDiT the noised branch with masking.
+# MaskDM (Lei et al., 2023) pre-trains with masked denoising alone: noised images, whole
+# blocks of 4x4 patches masked (a grid the block size does not divide is a one-line
+# error: set masking=random or another mask_block_size), the eps loss on visible patches
+# and none on masked ones; it is then fine-tuned as a plain diffusion model (mask 0).
 PRESETS = {
     "umd": dict(mask_ratio=0.375, mask_ratio_no_noise=0.75, no_noise_prob=0.5, adaln=True),
     "mae": dict(mask_ratio=0.75, mask_ratio_no_noise=0.75, no_noise_prob=1.0, adaln=False),
     "dit": dict(mask_ratio=0.0, mask_ratio_no_noise=0.75, no_noise_prob=0.0, adaln=True),
     "maskdit": dict(mask_ratio=0.5, mask_ratio_no_noise=0.75, no_noise_prob=0.0, adaln=True),
+    "maskdm": dict(mask_ratio=0.75, mask_ratio_no_noise=0.75, no_noise_prob=0.0, adaln=True,
+                   masking="block", mask_block_size=4, noised_x0_loss=False),
 }
 
 

@@ -5,7 +5,8 @@ Each batch is split (statically, so shapes are known to jit):
     `mask_ratio_no_noise`, and are scored by the x0 error on masked pixels;
   - the rest are noised at t ~ U{0..T-1} (fed to the network as t + 1, keeping 0 for
     clean), masked with `mask_ratio`, and scored by the mean of the eps error on visible
-    pixels and the x0 error on masked pixels.
+    pixels and the x0 error on masked pixels (with `noised_x0_loss=False`, MaskDM's masked
+    denoising, by the eps error on visible pixels alone).
 The total is the two branch losses weighted by their share of the batch. A branch with
 no masked pixels scores what it can: x0 on all pixels (clean) or eps on all pixels (noised).
 
@@ -47,11 +48,14 @@ def clean_branch_loss(out, images, grid, patch_size, any_masked=True):
   return _masked_mse(out["x0"], images, masking_lib.mask_to_pixels(out["mask"], grid, patch_size))
 
 
-def noised_branch_loss(out, images, noise, grid, patch_size, any_masked=True):
-  """Mean of eps error on visible pixels and x0 error on masked pixels."""
+def noised_branch_loss(out, images, noise, grid, patch_size, any_masked=True, x0_loss=True):
+  """Mean of eps error on visible pixels and x0 error on masked pixels; without x0_loss
+  (MaskDM), the eps error on visible pixels alone."""
   if not any_masked:
     return _masked_mse(out["eps"], noise, jnp.ones(images.shape[:-1] + (1,)))
   masked = masking_lib.mask_to_pixels(out["mask"], grid, patch_size)
+  if not x0_loss:
+    return _masked_mse(out["eps"], noise, 1.0 - masked)
   return 0.5 * (_masked_mse(out["eps"], noise, 1.0 - masked)
                 + _masked_mse(out["x0"], images, masked))
 
@@ -66,7 +70,7 @@ def drop_labels(labels, keys, rate, null_label):
 
 def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_noise_prob,
              mask_ratio, mask_ratio_no_noise, grid, patch_size, mask_block_size=None,
-             label_dropout=0.0, null_label=None, one_call=True):
+             noised_x0_loss=True, label_dropout=0.0, null_label=None, one_call=True):
   """Returns (loss, metrics) for one batch.
 
   Args:
@@ -79,6 +83,7 @@ def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_no
     no_noise_prob, mask_ratio, mask_ratio_no_noise: the objective's knobs.
     grid, patch_size: the model's patch grid, to make masks and pixel masks.
     mask_block_size: block-wise masking (MaskDM) when set, else random masking.
+    noised_x0_loss: the noised branch's x0 loss on masked pixels (False: MaskDM).
     label_dropout, null_label: classifier-free guidance training.
     one_call: both branches in one model call (the encoder runs per branch, the decoder
       once over the whole batch); False: a call per branch, the straightforward way,
@@ -124,7 +129,8 @@ def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_no
     loss = loss + clean * (n_clean / b)
   if n_noised:
     noised = noised_branch_loss(branch(slice(n_clean, b)), images[n_clean:], noise, grid,
-                                patch_size, any_masked=mask_ratio > 0)
+                                patch_size, any_masked=mask_ratio > 0,
+                                x0_loss=noised_x0_loss)
     metrics["loss_noised"] = noised
     loss = loss + noised * (n_noised / b)
 

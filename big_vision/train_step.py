@@ -72,6 +72,7 @@ def make_update(config, model, diffusion, tx, lr_fn, rng, batch_size, num_device
       mask_ratio=config.mask_ratio, mask_ratio_no_noise=config.mask_ratio_no_noise,
       grid=model.grid, patch_size=model.patch_size,
       mask_block_size=model.block_mask_size,
+      noised_x0_loss=config.get("noised_x0_loss", True),
       label_dropout=config.get("label_dropout", 0.1) if labels_on else 0.0,
       null_label=model.num_classes, one_call=config.get("one_model_call", True))
   accum = config.get("grad_accum_steps", 1)

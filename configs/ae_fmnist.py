@@ -2,7 +2,8 @@
 r"""UMD on Fashion-MNIST (28x28 grayscale): the main job that runs on a laptop CPU.
 
   python -m big_vision.train --config configs/ae_fmnist.py --workdir DIR
-  ... :method=mae   ... :method=dit   ... :method=maskdit   ... :epochs=20   ... :variant=S/4
+  ... :method=mae   ... :method=dit   ... :method=maskdit   ... :method=maskdm
+  ... :epochs=20   ... :variant=S/4
 
 The data comes from Debian's dataset-fashion-mnist files, turned into a TFDS dataset
 (`fashion_mnist_local`) on first use; no download. Defaults are sized to finish in about
@@ -19,8 +20,9 @@ from configs import common
 
 def get_config(arg=None):
   """Config for Fashion-MNIST auto-encoder training."""
+  # MaskDM masks blocks of 4x4 patches; Ti/4's 7x7 grid has none: single patches here.
   arg = common.parse(
-      arg, variant="Ti/4", batch_size=128, epochs=1.5, lr=1.5e-4 * 4, warmup=0.05,
+      arg, method_defaults={"maskdm": dict(masking="random")}, variant="Ti/4", batch_size=128, epochs=1.5, lr=1.5e-4 * 4, warmup=0.05,
       timesteps=1000, sampling_timesteps=50, data_dir="", shuffle_buffer=20_000,
       evals=True, eval_epochs=1.0, fid_samples=500,
       feature_net="~/.cache/big_vision/fmnist_classifier.npz")
@@ -64,7 +66,7 @@ def evals(config, arg):
   result.fewshot = dict(probe, features=features, **every)
   result.fewshot_pixels = dict(probe, features="pixels")  # The baseline to beat.
   result.val = dict(type="diffusion_loss", **every)
-  if (config.mask_ratio_no_noise if config.no_noise_prob > 0 else config.mask_ratio) > 0:
+  if common.learnt_mask_ratio(config) > 0:
     result.reconstruction = dict(type="reconstruction", **every)
   if config.no_noise_prob < 1:  # Only models trained on noised images can sample.
     result.samples = dict(type="sampling", num_samples=arg.fid_samples, batch_size=100,

@@ -4,10 +4,11 @@ r"""UMD (and MAE, DiT, MaskDiT) on ImageNet-2012 at 64x64 pixels, the UMD paper'
 Self-supervised pre-training, 800 epochs, B/4 (100-shot linear probe every 10k steps):
   python -m big_vision.train --config configs/ae_i1k.py:method=umd,variant=B/4,size=64 --workdir DIR
   ... :method=mae,batch_size=4096      ... :method=dit      ... :method=maskdit
+  ... :method=maskdm   (blocks of 4x4 patches, 75% masked, eps loss on visible patches)
   ... :variant=B/4,no_noise_prob=0.0,mask_ratio=0.5        (explicit options override the preset)
 Class-conditional fine-tuning of a pre-trained checkpoint (50 epochs, EMA, CFG):
   ... :variant=B/4,finetune=True,init_from=PRETRAIN_WORKDIR
-  (sets use_labels, mask_ratio=0, no_noise_prob=0.05 (0 for dit and maskdit), batch 256,
+  (sets use_labels, mask_ratio=0, no_noise_prob=0.05 (0 for dit, maskdit and maskdm), batch 256,
   beta2 0.999, wd 0, area_min 95)
 Latent UMD-L/2 at 256x256 on Stable-Diffusion VAE latents (32x32x4) is not available yet:
   the options exist (latent_diffusion=True,size=256,vae_weights=...) but the trainer stops
@@ -25,10 +26,10 @@ from configs import common
 
 # The fine-tuning recipe of the UMD paper; explicit options still override it. Seed 002's
 # fine-tuning commands keep a 5% clean (no-noise) share for UMD, MAE and latent UMD, and
-# none for the DiT and MaskDiT baselines.
+# none for the DiT and MaskDiT baselines (and MaskDM, fine-tuned as a plain DDPM).
 FINETUNE = dict(use_labels=True, mask_ratio=0.0, no_noise_prob=0.05, batch_size=256,
                 beta2=0.999, wd=0.0, area_min=95, epochs=50.0, ema=0.9999)
-FINETUNE_NO_NOISE_PROB = {"dit": 0.0, "maskdit": 0.0}
+FINETUNE_NO_NOISE_PROB = {"dit": 0.0, "maskdit": 0.0, "maskdm": 0.0}
 
 
 def get_config(arg=None):
@@ -111,7 +112,7 @@ def evals(config, arg):
       features="representation" if config.no_noise_prob > 0 else "noised")
   if config.no_noise_prob < 1:
     result.val = dict(type="diffusion_loss", every_steps=25_000, max_examples=10_000)
-  if (config.mask_ratio_no_noise if config.no_noise_prob > 0 else config.mask_ratio) > 0:
+  if common.learnt_mask_ratio(config) > 0:
     result.reconstruction = dict(type="reconstruction", every_steps=25_000)
   if config.no_noise_prob < 1 and arg.use_labels:
     result.samples = dict(

@@ -9,7 +9,8 @@ from big_vision import methods
 from big_vision.models import ae
 
 # Options every auto-encoder config accepts, with their defaults. Method-dependent ones
-# (mask ratios, no_noise_prob, adaln) come from big_vision.methods.PRESETS.
+# (mask ratios, no_noise_prob, adaln; MaskDM's masking and noised_x0_loss) come from
+# big_vision.methods.PRESETS.
 COMMON_OPTIONS = dict(
     method="umd",
     variant="B/4",
@@ -38,6 +39,7 @@ COMMON_OPTIONS = dict(
     grad_clip=1.0,
     ema=0.0,           # EMA decay of parameters; 0 disables EMA.
     grad_accum=1,      # Micro-batches per step, so that a large batch fits in memory.
+    noised_x0_loss=True,  # The noised branch's x0 loss on masked pixels (MaskDM: False).
     label_dropout=0.1, # Share of labels replaced by the null class (for CFG).
     schedule="cosine",
     timesteps=1000,
@@ -87,9 +89,18 @@ def objective(config, arg):
   config.mask_ratio = arg.mask_ratio
   config.mask_ratio_no_noise = arg.mask_ratio_no_noise
   config.no_noise_prob = arg.no_noise_prob
+  config.noised_x0_loss = arg.noised_x0_loss
   # The clean and noised rows through the model in one call (False: a call per branch,
   # the straightforward way; the same loss and gradients, tests/test_objective.py).
   config.one_model_call = True
+
+
+def learnt_mask_ratio(config):
+  """The mask ratio whose masked pixels the model learns to predict (x0), for the
+  reconstruction evals; 0 when it learns none (DiT, MaskDM)."""
+  if config.no_noise_prob > 0:
+    return config.mask_ratio_no_noise
+  return config.mask_ratio if config.noised_x0_loss else 0.0
 
 
 def diffusion(arg, latent=False):

@@ -5,6 +5,7 @@ from big_vision import config_cli
 from big_vision import config_parsing
 from big_vision import methods
 from big_vision.config_parsing import ConfigError
+from configs import ae_fmnist
 from configs import ae_i1k
 
 
@@ -60,6 +61,17 @@ def test_method_semantics():
   assert dit.no_noise_prob == 0.0 and dit.mask_ratio == 0.0
   maskdit = ae_i1k.get_config("method=maskdit")
   assert maskdit.no_noise_prob == 0.0 and maskdit.mask_ratio == 0.5
+  assert maskdit.noised_x0_loss and maskdit.model.masking == "random"
+  # MaskDM: masked denoising alone, whole blocks of 4x4 patches of the 16x16 grid masked.
+  maskdm = ae_i1k.get_config("method=maskdm")
+  assert maskdm.no_noise_prob == 0.0 and maskdm.mask_ratio == 0.75
+  assert not maskdm.noised_x0_loss and "reconstruction" not in maskdm.evals
+  assert (maskdm.model.masking, maskdm.model.mask_block_size) == ("block", 4)
+  # Ti/4's 7x7 grid at 28x28 has no 4x4 blocks: Fashion-MNIST masks single patches.
+  fmnist_maskdm = ae_fmnist.get_config("method=maskdm")
+  assert fmnist_maskdm.model.masking == "random" and not fmnist_maskdm.noised_x0_loss
+  with pytest.raises(ConfigError, match="mask_block_size=4 does not divide the patch grid 7x7"):
+    methods.check_config(ae_fmnist.get_config("method=maskdm,masking=block"))
   umd = ae_i1k.get_config("")
   assert (umd.method, umd.mask_ratio, umd.mask_ratio_no_noise) == ("umd", 0.375, 0.75)
   assert umd.model.variant == "B/4" and umd.model.image_size == 64
@@ -70,7 +82,7 @@ def test_method_semantics():
 
 
 def test_unknown_method():
-  with pytest.raises(ConfigError, match=r"unknown method 'vae'.*dit, mae, maskdit, umd"):
+  with pytest.raises(ConfigError, match=r"unknown method 'vae'.*dit, mae, maskdit, maskdm, umd"):
     ae_i1k.get_config("method=vae")
 
 
@@ -118,7 +130,8 @@ def test_finetune_recipe():
 # Seed 002's fine-tuning commands: no_noise_prob 0.05 for UMD and MAE, 0.00 for DiT and
 # MaskDiT; the rest of the recipe is shared.
 @pytest.mark.parametrize("method,no_noise_prob,adaln", [
-    ("umd", 0.05, True), ("mae", 0.05, False), ("dit", 0.0, True), ("maskdit", 0.0, True)])
+    ("umd", 0.05, True), ("mae", 0.05, False), ("dit", 0.0, True), ("maskdit", 0.0, True),
+    ("maskdm", 0.0, True)])
 def test_finetune_recipe_per_method(method, no_noise_prob, adaln):
   config = ae_i1k.get_config(f"method={method}," + FINETUNE)
   assert config.no_noise_prob == no_noise_prob and config.model.adaln == adaln

@@ -54,7 +54,9 @@ def _images(b=3, size=16, c=3, seed=0):
 
 @pytest.mark.parametrize("method", sorted(methods.PRESETS))
 def test_every_method_preset_forward(method):
-  config = ae_i1k.get_config(f"method={method},variant=Mu/4,size=16,use_labels=True")
+  # MaskDM's 4x4 blocks of patches would be the whole 4x4 grid here: blocks of 2x2.
+  blocks = ",mask_block_size=2" if method == "maskdm" else ""
+  config = ae_i1k.get_config(f"method={method},variant=Mu/4,size=16,use_labels=True{blocks}")
   model = ae.build_model(config.model)
   x = _images()
   t = jnp.array([0, 1, 500])

@@ -100,6 +100,20 @@ def test_model_sees_clean_images_and_q_samples(one_call):
   assert metrics["loss_noised"] == pytest.approx(2.5) and loss == pytest.approx(2.125)
 
 
+def test_maskdm_is_eps_loss_on_visible_pixels_alone():
+  images = jax.random.uniform(jax.random.PRNGKey(0), (8, 8, 8, 1), minval=-1, maxval=1)
+  keys = jax.random.split(jax.random.PRNGKey(1), 8)
+  noise = jnp.stack([jax.random.normal(jax.random.split(k, 4)[2], (8, 8, 1)) for k in keys])
+  calls_truth.update(x0=images, eps=noise)
+  kw = dict(no_noise_prob=0.0, mask_ratio=0.5, mask_ratio_no_noise=0.75, grid=(4, 4),
+            patch_size=2)
+  loss, _ = objective.umd_loss(make_fake_apply([]), None, images, None, keys, DIFFUSION,
+                               noised_x0_loss=False, **kw)
+  assert float(loss) == pytest.approx(4.0)  # eps error 2 on visible pixels, nothing else.
+  loss, _ = objective.umd_loss(make_fake_apply([]), None, images, None, keys, DIFFUSION, **kw)
+  assert float(loss) == pytest.approx(2.5)  # MaskDiT: and x0 error 1 on masked pixels.
+
+
 def test_dit_preset_is_eps_loss_on_all_pixels():
   loss, metrics, calls = run(no_noise_prob=0.0, mask_ratio=0.0, mask_ratio_no_noise=0.75)
   assert loss == pytest.approx(4.0) and "loss_clean" not in metrics

@@ -1,7 +1,7 @@
 """Validation diffusion loss: the training objective on held-out images, overall and by t.
 
 Every image is scored by both branches (clean: x0 on masked pixels; noised at a random t:
-eps on visible and x0 on masked pixels), and `loss` weighs them by no_noise_prob, the
+eps on visible and, unless noised_x0_loss=False, x0 on masked pixels), and `loss` weighs them by no_noise_prob, the
 expectation of the training objective. By-t losses score the noised branch with t drawn
 uniformly inside each range. Label-conditioned models (num_classes > 0) see each image's
 true label, as in training (without its label dropout); `loss_uncond` is their `loss` with
@@ -42,7 +42,8 @@ class Evaluator:
                                    patch_size=model.patch_size,
                                    any_masked=cfg.mask_ratio_no_noise > 0)
     noised_loss = functools.partial(objective.noised_branch_loss, grid=model.grid,
-                                    patch_size=model.patch_size, any_masked=cfg.mask_ratio > 0)
+                                    patch_size=model.patch_size, any_masked=cfg.mask_ratio > 0,
+                                    x0_loss=cfg.get("noised_x0_loss", True))
 
     def per_image(loss_fn, out, *arrays):
       """The branch loss of every image on its own (padding is weighted out later)."""

@@ -1,7 +1,7 @@
 """The generic masked-diffusion auto-encoder (a ViT encoder/decoder with t conditioning).
 
-One module expresses MAE, UMD, DiT and MaskDiT; the trainer decides what goes in
-(clean or noised images, which mask ratio, which t):
+One module expresses MAE, UMD, DiT, MaskDiT and MaskDM; the trainer decides what goes in
+(clean or noised images, which mask ratio, which t) and what is scored:
 
   images [B,H,W,C] --patchify+embed+posemb--> tokens --keep visible--> (+ cls tokens)
   --> encoder blocks --> linear to decoder width --> mask tokens at masked positions
@@ -10,11 +10,9 @@ One module expresses MAE, UMD, DiT and MaskDiT; the trainer decides what goes in
 Conditioning c = time embedding (+ label embedding) enters every block through AdaLN-Zero
 (`adaln=True`, DiT) or is added to the tokens (`adaln=False`).
 The decoder queries at masked positions are built in `_masked_queries` (MAE's mask
-token). The DiffMAE and MaskDM presets are not built yet; MaskDM's block masking is
-(`masking="block"`, `mask_block_size`; the configs' options of the same names), and so
-is a learned position embedding (`posemb="learn"`). When the presets are built,
-DiffMAE's noisy masked patches will plug in there and MaskDM's loss on visible patches
-in the trainer's objective, not in a fork of this file.
+token). MaskDM's block masking is an option here (`masking="block"`, `mask_block_size`),
+its loss on visible patches one of the objective's (`noised_x0_loss=False`). DiffMAE is
+not built yet: its noisy masked patches would plug in as the decoder's queries there.
 """
 import re
 from typing import Any, Optional, Sequence
