@@ -112,7 +112,7 @@ def test_scorer_cache_key_follows_weights_file_and_pp(tmp_path):
     ref_cfg = dict(data=dict(name="fashion_mnist_local", split="test"), pp=pp)
     scorer = fid_scorer.Scorer(context, dict(kind="fmnist_classifier", weights=weights),
                                ref_cfg, max_reference=40, cache_dir=str(tmp_path / "cache"))
-    scorer.real_images = lambda cfg, n: computed.append(1) or images
+    scorer.real_batches = lambda cfg, n: computed.append(1) or iter(np.array_split(images, 2))
     return scorer.cache_key(), scorer.reference()
 
   write_weights(0)
@@ -125,6 +125,44 @@ def test_scorer_cache_key_follows_weights_file_and_pp(tmp_path):
   assert not np.allclose(mu_b, mu_a)
   reference(pp="value_range(-1, 1)|keep('image')")
   assert len(computed) == 3
+
+
+def test_streaming_accumulator_keeps_precision_far_from_the_origin():
+  # Features with a large mean and a small spread: sum(x x^T) - n mu mu^T would cancel.
+  rng = np.random.default_rng(4)
+  x = 1e4 + rng.normal(size=(3000, 5)) * 1e-2
+  acc = fid_math.StatisticsAccumulator()
+  for part in np.array_split(x, 11):
+    acc.update(part)
+  acc.update(np.zeros((0, 5)))  # An empty batch changes nothing.
+  mu, sigma = acc.result()
+  mu_ref, sigma_ref = fid_math.feature_statistics(x)
+  np.testing.assert_allclose(mu, mu_ref, rtol=1e-12)
+  np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-6, atol=1e-12)
+  assert acc.n == 3000
+  with pytest.raises(ValueError, match="need at least 2"):
+    fid_math.StatisticsAccumulator().result()
+
+
+def test_non_finite_statistics_give_nan_not_an_eigh_error():
+  """A diverged model's NaN samples made eigh raise 'Eigenvalues did not converge'."""
+  for bad in (np.nan, np.inf):
+    sigma = np.eye(3)
+    sigma[0, 1] = sigma[1, 0] = bad
+    assert np.isnan(fid_math.frechet_distance(np.zeros(3), sigma, np.zeros(3), np.eye(3)))
+    assert np.isnan(fid_math.frechet_distance(np.full(3, bad), np.eye(3), np.zeros(3),
+                                              np.eye(3)))
+  # Singular (rank-deficient) but finite covariances need no regularisation.
+  rank1 = np.outer([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+  got = fid_math.frechet_distance(np.zeros(3), rank1, np.zeros(3), np.zeros((3, 3)))
+  assert got == pytest.approx(np.trace(rank1), rel=1e-12)
+
+
+def test_non_finite_reference_statistics_are_not_cached(tmp_path):
+  key = dict(dataset="d", split="test")
+  mu, sigma = fid_math.cached_reference_stats(
+      str(tmp_path), key, lambda: (np.full(2, np.nan), np.eye(2)))
+  assert np.isnan(mu).all() and not list(tmp_path.iterdir())
 
 
 def test_save_npz_interrupted_leaves_the_old_file(tmp_path, monkeypatch):
@@ -171,3 +209,166 @@ def test_fmnist_weights_of_another_network_say_to_retrain(tmp_path):
   np.savez(path, **{"Conv_0/kernel": np.zeros((3, 3, 1, 16))})
   with pytest.raises(ValueError, match="does not hold fmnist_classifier weights.*retrain"):
     fmnist_classifier.load(path)
+
+
+def _fmnist_weights(path, seed=0):
+  import jax
+  import jax.numpy as jnp
+  from big_vision.models import fmnist_classifier
+  params = fmnist_classifier.Classifier().init(jax.random.PRNGKey(seed),
+                                               jnp.zeros((1, 28, 28, 1)))["params"]
+  fmnist_classifier.save(params, path, {})
+  return path
+
+
+def _one_device_context():
+  import types
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  return types.SimpleNamespace(
+      data_sharding=NamedSharding(mesh, P("data")), mesh=mesh,
+      model=types.SimpleNamespace(image_size=(28, 28), channels=1))
+
+
+def test_reference_statistics_streamed_equal_all_at_once(tmp_path, monkeypatch):
+  """Accumulated batch by batch, they equal the statistics of all the images' features at
+  once; padding rows and rows past max_reference are left out."""
+  from big_vision import input_pipeline
+  from big_vision.evaluators import fid_scorer
+  rng = np.random.default_rng(5)
+  images = rng.uniform(-1, 1, (4, 6, 28, 28, 1)).astype(np.float32)
+  masks = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0],
+                    [0, 0, 0, 0, 0, 0]], bool)
+  images[~masks] = 7.0  # Padding: would move the statistics if it were counted.
+  batches = [{"image": x, input_pipeline.MASK_KEY: m} for x, m in zip(images, masks)]
+  monkeypatch.setattr(input_pipeline, "evaluation", lambda cfg: (batches, 16))
+  weights = _fmnist_weights(str(tmp_path / "net.npz"))
+  ref_cfg = dict(data=dict(name="fashion_mnist_local", split="test"), pp="x")
+  for max_reference, n in ((16, 16), (9, 9)):
+    scorer = fid_scorer.Scorer(_one_device_context(),
+                               dict(kind="fmnist_classifier", weights=weights), ref_cfg,
+                               max_reference=max_reference, cache_dir=str(tmp_path / "c"))
+    seen = []
+    real_batches = scorer.real_batches
+    scorer.real_batches = lambda *a: (seen.append(len(x)) or x for x in real_batches(*a))
+    mu, sigma = scorer.reference()
+    assert sum(seen) == n and max(seen) <= 6  # Never more than one batch at a time.
+    expected = fid_math.feature_statistics(scorer.net(images[masks][:n])[0])
+    np.testing.assert_allclose(mu, expected[0], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(sigma, expected[1], rtol=1e-8, atol=1e-12)
+    assert scorer.real_images(ref_cfg, n).shape == (n, 28, 28, 1)
+
+
+def test_scores_of_non_finite_images_are_nan_with_a_warning(tmp_path, caplog):
+  from big_vision.evaluators import fid_scorer
+  weights = _fmnist_weights(str(tmp_path / "net.npz"))
+  ref_cfg = dict(data=dict(name="fashion_mnist_local", split="test"), pp="x")
+  scorer = fid_scorer.Scorer(_one_device_context(),
+                             dict(kind="fmnist_classifier", weights=weights), ref_cfg,
+                             max_reference=40, cache_dir=str(tmp_path / "cache"))
+  real = np.random.default_rng(0).uniform(-1, 1, (40, 28, 28, 1)).astype(np.float32)
+  scorer.real_batches = lambda cfg, n: iter(np.array_split(real, 3))
+  images = real[:20].copy()
+  finite = scorer.scores(images)
+  assert all(np.isfinite(v) for v in finite.values())
+  images[3, 5, 5, 0] = np.nan
+  with caplog.at_level("WARNING"):
+    got = scorer.scores(images)
+  assert set(got) == set(finite) and all(np.isnan(v) for v in got.values())
+  assert "1 of 20 images to score have NaN or infinite pixels" in caplog.text
+  # Reference statistics that are not finite (broken weights): FID NaN, IS still scored.
+  scorer._reference = (np.full(128, np.nan), np.eye(128))
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    got = scorer.scores(real[:20])
+  assert np.isnan(got["fid_fmnist_classifier"])
+  assert got["is_fmnist_classifier"] == pytest.approx(finite["is_fmnist_classifier"])
+  assert "reference statistics of split 'test' are not finite" in caplog.text
+
+
+def test_scorer_cache_key_follows_data_dir(tmp_path, monkeypatch):
+  """Two datasets of one name in different directories must not share statistics."""
+  from big_vision.evaluators import fid_scorer
+  weights = _fmnist_weights(str(tmp_path / "net.npz"))
+
+  def key(data_dir):
+    data = dict(name="fashion_mnist_local", split="test")
+    if data_dir is not None:
+      data["data_dir"] = data_dir
+    return fid_scorer.Scorer(_one_device_context(),
+                             dict(kind="fmnist_classifier", weights=weights),
+                             dict(data=data, pp="x"), cache_dir=str(tmp_path)).cache_key()
+
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  assert key(a)["data_dir"] == a and key(b)["data_dir"] == b
+  assert fid_math.cache_path("c", key(a)) != fid_math.cache_path("c", key(b))
+  assert key(a + "/") == key(os.path.join(b, "..", "a")) == key(a)  # Normalised.
+  monkeypatch.chdir(tmp_path)
+  assert key("a") == key(a)
+  monkeypatch.setenv("TFDS_DATA_DIR", b)
+  assert key(None) == key(b)  # The directory input_pipeline reads when none is given.
+  monkeypatch.delenv("TFDS_DATA_DIR")
+  assert key(None)["data_dir"] == os.path.expanduser("~/tensorflow_datasets")
+  assert key("gs://bucket/tfds/")["data_dir"] == "gs://bucket/tfds"
+
+
+_TWO_HOSTS = """
+import os, sys, types
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, pid, tmp = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", 2, pid)
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from big_vision import input_pipeline
+from big_vision.evaluators import fid_math, fid_scorer
+from tests.test_fid_statistics import _fmnist_weights
+
+def host_batches(p):  # Two local batches of 3; 5 real rows on host 0, 4 on host 1.
+  images = np.random.default_rng(p).uniform(-1, 1, (2, 3, 28, 28, 1)).astype(np.float32)
+  masks = np.array({0: [[1, 1, 1], [1, 1, 0]], 1: [[1, 1, 1], [1, 0, 0]]}[p], bool)
+  images[~masks] = 9.0  # Padding.
+  return [{"image": x, input_pipeline.MASK_KEY: m} for x, m in zip(images, masks)]
+input_pipeline.evaluation = lambda cfg: (host_batches(pid), 9)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+ctx = types.SimpleNamespace(data_sharding=NamedSharding(mesh, P("data")), mesh=mesh,
+                            model=types.SimpleNamespace(image_size=(28, 28), channels=1))
+weights = _fmnist_weights(os.path.join(tmp, f"net{pid}.npz"))
+ref_cfg = dict(data=dict(name="fashion_mnist_local", split="test"), pp="x")
+scorer = fid_scorer.Scorer(ctx, dict(kind="fmnist_classifier", weights=weights), ref_cfg,
+                           max_reference=100, cache_dir=os.path.join(tmp, f"cache{pid}"))
+mu, sigma = scorer.reference()
+every = np.concatenate([b["image"][b[input_pipeline.MASK_KEY]] for p in (0, 1)
+                        for b in host_batches(p)])
+mu_all, sigma_all = fid_math.feature_statistics(scorer.net(every)[0])
+err = max(np.abs(mu - mu_all).max(), np.abs(sigma - sigma_all).max())
+print("RESULT", len(every), len(scorer.real_images(ref_cfg, 100)), err < 1e-9, flush=True)
+"""
+
+
+def test_reference_statistics_on_two_hosts_count_every_image_once(tmp_path):
+  """Streamed over two processes' shards (with padding), the reference statistics on each
+  host are those of the 9 real images of both hosts, each counted once."""
+  import socket
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_HOSTS, str(port), str(i),
+                             str(tmp_path)], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=200) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  for out, _ in outputs:
+    assert "RESULT 9 9 True" in out, out

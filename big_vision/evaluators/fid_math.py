@@ -5,6 +5,7 @@ The trace of the square root is computed from the eigenvalues of S1^(1/2) S2 S1^
 a symmetric PSD matrix similar to S1 S2, so both have the same (non-negative) eigenvalues
 and Tr((S1 S2)^(1/2)) = sum sqrt(eig). No scipy needed, and no complex round-off.
 IS = exp(E_x KL(p(y|x) || p(y))), the mean and spread over `num_splits` splits.
+Statistics that are not finite (a diverged model's NaN samples) give a NaN distance.
 
 Also the .npz helpers of every file the evaluators read back (cached statistics, feature
 network weights): written atomically, and read with a ValueError naming a broken file.
@@ -28,25 +29,46 @@ def feature_statistics(features):
 
 
 class StatisticsAccumulator:
-  """Streaming mean and covariance, so that 50k feature vectors need not be held at once."""
+  """Streaming mean and covariance, so that 50k feature vectors need not be held at once.
+
+  Each batch's centred scatter is merged with Chan et al.'s pairwise update, which does not
+  lose precision to cancellation as sum(x x^T) - n mu mu^T does when |mu| >> std.
+  The result equals feature_statistics of all the batches concatenated.
+  """
 
   def __init__(self):
-    self.n, self.sum, self.outer = 0, None, None
+    self.n, self.mean, self.scatter = 0, None, None
 
   def update(self, features):
     x = np.asarray(features, np.float64)
-    if self.sum is None:
-      self.sum, self.outer = np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1]))
-    self.n += len(x)
-    self.sum += x.sum(0)
-    self.outer += x.T @ x
+    if x.ndim != 2:
+      raise ValueError(f"need [N, D] features, got shape {x.shape}")
+    if self.mean is not None and x.shape[1] != len(self.mean):
+      raise ValueError(f"features of dimension {x.shape[1]} after {len(self.mean)}")
+    if not len(x):
+      return
+    mean = x.mean(0)
+    centred = x - mean
+    scatter = centred.T @ centred
+    if self.mean is None:
+      self.n, self.mean, self.scatter = len(x), mean, scatter
+      return
+    n = self.n + len(x)
+    delta = mean - self.mean
+    self.scatter = self.scatter + scatter + np.outer(delta, delta) * (self.n * len(x) / n)
+    self.mean = self.mean + delta * (len(x) / n)
+    self.n = n
 
   def result(self):
+    """(mu [D], sigma [D, D]), sigma with ddof=1."""
     if self.n < 2:
       raise ValueError(f"need at least 2 feature vectors, got {self.n}")
-    mu = self.sum / self.n
-    sigma = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
-    return mu, sigma
+    return self.mean.copy(), self.scatter / (self.n - 1)
+
+
+def all_finite(*arrays):
+  """Whether every value of every array is finite (no NaN, no inf)."""
+  return all(bool(np.all(np.isfinite(a))) for a in arrays)
 
 
 def _sqrt_psd(m):
@@ -61,18 +83,22 @@ def trace_sqrt_product(sigma1, sigma2):
   return float(np.sum(np.sqrt(np.clip(w, 0, None))))
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-  """The Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+  """The Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+  NaN when a statistic is not finite (eigh would raise "Eigenvalues did not converge").
+  """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(
       np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
     raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
                      f"sigma {sigma1.shape} vs {sigma2.shape}")
+  if not all_finite(mu1, sigma1, mu2, sigma2):
+    return float("nan")
+  # Finite PSD inputs need no regularisation (pytorch-fid's eps offset): the eigenvalues
+  # are clipped at 0, so the square roots are real and finite even for singular products.
   tr_covmean = trace_sqrt_product(sigma1, sigma2)
-  if not np.isfinite(tr_covmean):  # Singular product: regularise as pytorch-fid does.
-    offset = np.eye(len(mu1)) * eps
-    tr_covmean = trace_sqrt_product(sigma1 + offset, sigma2 + offset)
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
@@ -156,11 +182,13 @@ def cached_reference_stats(cache_dir, key_fields, compute_fn, agree=bool):
   compute_fn() -> (mu, sigma). key_fields should name dataset, split, resolution and
   feature network. agree(found here) -> whether to read the file: when compute_fn is
   collective (several processes), every process must take the same branch.
+  Statistics that are not finite are returned but not saved.
   """
   path = cache_path(cache_dir, key_fields)
   if agree(os.path.exists(path)):
     mu, sigma, _ = load_statistics(path)
     return mu, sigma
   mu, sigma = compute_fn()
-  save_statistics(path, mu, sigma, **key_fields)
+  if all_finite(mu, sigma):
+    save_statistics(path, mu, sigma, **key_fields)
   return mu, sigma

@@ -1,12 +1,22 @@
 """Scores sets of images against real data: FID and Inception Score with a feature network.
 
 The reference statistics of the real split are computed once and cached on disk, keyed by
-dataset, split, eval preprocessing, resolution, network (and a hash of its weights file)
-and image count. Shared by the sampling and inpainting evaluators.
+dataset, its data_dir, split, eval preprocessing, resolution, network (and a hash of its
+weights file) and image count. They are accumulated batch by batch (the reference images
+are never all held at once). Shared by the sampling and inpainting evaluators.
+
+Images or features that are not finite (a diverged model's NaN samples) give NaN scores
+and a logged warning saying why, so that training goes on.
 """
 import hashlib
 import os
 
+from absl import logging
+import jax
+import numpy as np
+
+from big_vision import fileio
+from big_vision import input_pipeline
 from big_vision.evaluators import common
 from big_vision.evaluators import feature_nets
 from big_vision.evaluators import fid_math
@@ -27,13 +37,30 @@ def weights_digest(path):
   return h.hexdigest()[:16]
 
 
+def data_dir_key(data_dir):
+  """The data directory the dataset is read from, as one normalised string.
+
+  None means TFDS's default (TFDS_DATA_DIR, else ~/tensorflow_datasets), as
+  input_pipeline.get_dataset_builder resolves it; local paths are made absolute, URLs
+  (gs://...) are kept, less a trailing slash.
+  """
+  data_dir = (data_dir or os.environ.get("TFDS_DATA_DIR")
+              or os.path.join("~", "tensorflow_datasets"))
+  return fileio.absolute(os.path.expanduser(os.fspath(data_dir)))
+
+
+def _warn(text):
+  if jax.process_index() == 0:  # Every process computes the same scores.
+    logging.warning("%s", text)
+
+
 class Scorer:
   """scores(images) -> {fid{_net}, is{_net}, is{_net}_std}."""
 
   def __init__(self, context, feature_net, reference_cfg, max_reference=10_000,
                cache_dir=None):
     feature_nets.check_spec(feature_net)
-    # Loaded now, so a missing weights file is reported before any training.
+    # Loaded now, so a missing or broken weights file is reported before any training.
     self.net = feature_nets.load(feature_net["kind"], feature_net["weights"])
     model = context.model
     self.net.check_images((*model.image_size, model.channels), "feature_net")
@@ -41,31 +68,67 @@ class Scorer:
     self.max_reference, self.cache_dir = max_reference, cache_dir or DEFAULT_CACHE
     self._reference = None
 
+  def real_batches(self, input_cfg, max_examples):
+    """Yields the real images of input_cfg ([B, H, W, C] numpy, padding left out), batch by
+    batch; every process gets every process's images, each once."""
+    what = f"real images {input_cfg['data']['split']}"
+    for batch in common.iterate(self.context, input_cfg, max_examples, what=what):
+      valid = common.gather(batch[input_pipeline.MASK_KEY]).astype(bool)
+      images = common.gather(batch["image"])[valid]
+      if len(images):
+        yield images
+
   def real_images(self, input_cfg, max_examples):
-    return common.collect(self.context, input_cfg, lambda b: {"x": b["image"]},
-                          max_examples, what=f"real images {input_cfg['data']['split']}")["x"]
+    """All the real images of input_cfg at once (for as many as the samples, not more)."""
+    parts = list(self.real_batches(input_cfg, max_examples))
+    if not parts:
+      raise ValueError(f"no real images in split {input_cfg['data']['split']!r}")
+    return np.concatenate(parts)
 
   def cache_key(self):
     """Fields that identify the reference statistics (see fid_math.cache_path)."""
     h, w = self.context.model.image_size
-    return dict(dataset=self.reference_cfg["data"]["name"],
-                split=self.reference_cfg["data"]["split"], resolution=f"{h}x{w}",
+    data = self.reference_cfg["data"]
+    return dict(dataset=data["name"], data_dir=data_dir_key(data.get("data_dir")),
+                split=data["split"], resolution=f"{h}x{w}",
                 network=self.net.name, weights=weights_digest(self.net.weights),
                 pp=self.reference_cfg["pp"], max_images=str(self.max_reference))
+
+  def reference_statistics(self):
+    """(mu, sigma) of the reference split's features, accumulated batch by batch."""
+    acc = fid_math.StatisticsAccumulator()
+    for images in self.real_batches(self.reference_cfg, self.max_reference):
+      acc.update(self.net(images, progress=False)[0])
+    return acc.result()
 
   def reference(self):
     """(mu, sigma) of the real reference split, from the on-disk cache when present."""
     if self._reference is None:
       self._reference = fid_math.cached_reference_stats(
-          self.cache_dir, self.cache_key(), lambda: fid_math.feature_statistics(
-              self.net(self.real_images(self.reference_cfg, self.max_reference))[0]),
+          self.cache_dir, self.cache_key(), self.reference_statistics,
           agree=common.on_every_process)  # Computing them is collective.
     return self._reference
 
   def scores(self, images):
-    feats, probs = self.net(images)
-    mu, sigma = fid_math.feature_statistics(feats)
     s = self.net.metric_suffix
+    nan = float("nan")
+    images = np.asarray(images)
+    bad = int(np.sum(~np.isfinite(images).reshape(len(images), -1).all(1)))
+    if bad:
+      _warn(f"{bad} of {len(images)} images to score have NaN or infinite pixels (a diverged "
+            f"model?): fid{s} and is{s} are NaN")
+      return {f"fid{s}": nan, f"is{s}": nan, f"is{s}_std": nan}
+    feats, probs = self.net(images)
+    if not fid_math.all_finite(feats, probs):
+      _warn(f"the {self.net.name} network's features of the images to score are not finite "
+            f"(weights {self.net.weights} broken?): fid{s} and is{s} are NaN")
+      return {f"fid{s}": nan, f"is{s}": nan, f"is{s}_std": nan}
+    mu, sigma = fid_math.feature_statistics(feats)
     is_mean, is_std = fid_math.inception_score(probs)
-    return {f"fid{s}": float(fid_math.frechet_distance(mu, sigma, *self.reference())),
+    ref = self.reference()
+    if not fid_math.all_finite(*ref):
+      _warn(f"the reference statistics of split {self.reference_cfg['data']['split']!r} are "
+            f"not finite (weights {self.net.weights} of the {self.net.name} network broken?); "
+            f"not cached: fid{s} is NaN")
+    return {f"fid{s}": fid_math.frechet_distance(mu, sigma, *ref),
             f"is{s}": float(is_mean), f"is{s}_std": float(is_std)}
