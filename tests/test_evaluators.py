@@ -18,6 +18,7 @@ from big_vision import sharding
 from big_vision import train
 from big_vision.config_parsing import ConfigError
 from big_vision.evaluators import common
+from big_vision.evaluators import fid_math
 from big_vision.evaluators import linear_probe
 from big_vision.models import ae
 from big_vision.tools import eval_only
@@ -224,9 +225,29 @@ def test_sampling_evaluator_fid_is_and_floor(data_dir, tmp_path, feature_net_wei
                           guidance_scales=(2.0,), feature_net=net, max_reference=300,
                           cache_dir=str(tmp_path / "cache"))
   r = dict(ev.run(params, 3))
-  for prefix in ("", "cfg2/"):
-    assert r[prefix + "fid_fmnist_classifier"] > 0
-    assert 1.0 <= r[prefix + "is_fmnist_classifier"] <= 10.0
+  # The scores are those of these samples, against the reference split's statistics
+  # computed here at once from all its images (the scorer streams them batch by batch),
+  # with the IS written out independently of fid_math.
+  net = ev.scorer.net
+  real = common.collect(ctx, ev.scorer.reference_cfg, lambda b: {"x": b["image"]}, 300)["x"]
+  assert real.shape == (300, 28, 28, 1)
+  reference = fid_math.feature_statistics(net(real)[0])
+
+  def inception_score(p):  # exp(E KL(p(y|x) || p(y))), averaged over 10 splits.
+    return np.mean([np.exp(np.mean(np.sum(q * (np.log(q) - np.log(q.mean(0))), 1)))
+                    for q in np.array_split(p, 10)])
+
+  for prefix, scale, conditional in (("", None, False), ("cfg2/", 2.0, True)):
+    feats, probs = net(ev.samples(params, scale, conditional))
+    assert r[prefix + "is_fmnist_classifier"] == pytest.approx(inception_score(probs),
+                                                               rel=1e-9)
+    assert r[prefix + "fid_fmnist_classifier"] == pytest.approx(
+        fid_math.frechet_distance(*fid_math.feature_statistics(feats), *reference), rel=1e-6)
+  floor = net(common.collect(ctx, ev.floor_cfg, lambda b: {"x": b["image"]}, 20)["x"])
+  assert r["is_fmnist_classifier_real_floor"] == pytest.approx(inception_score(floor[1]),
+                                                               rel=1e-9)
+  assert r["fid_fmnist_classifier_real_floor"] == pytest.approx(
+      fid_math.frechet_distance(*fid_math.feature_statistics(floor[0]), *reference), rel=1e-6)
   assert "fid" not in r  # Never called plain FID without Inception.
   assert r["fid_fmnist_classifier_real_floor"] < r["fid_fmnist_classifier"]
   assert len(os.listdir(tmp_path / "cache")) == 1  # Reference statistics cached once.
