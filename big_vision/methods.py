@@ -28,6 +28,14 @@ PRESETS = {
 }
 
 
+def learnt_mask_ratio(config):
+  """The mask ratio whose masked pixels the model learns to predict (x0): what
+  reconstructions and one-step completions can show; 0 when it learns none (DiT, MaskDM)."""
+  if config.no_noise_prob > 0:
+    return config.mask_ratio_no_noise
+  return config.mask_ratio if config.get("noised_x0_loss", True) else 0.0
+
+
 def parse_method_arg(arg, method_defaults=None, **defaults):
   """Parses a config string whose defaults depend on its `method=` option.
 

@@ -15,6 +15,7 @@ import os
 
 import ml_collections as mlc
 
+from big_vision import methods
 from configs import common
 
 
@@ -66,7 +67,7 @@ def evals(config, arg):
   result.fewshot = dict(probe, features=features, **every)
   result.fewshot_pixels = dict(probe, features="pixels")  # The baseline to beat.
   result.val = dict(type="diffusion_loss", **every)
-  if common.learnt_mask_ratio(config) > 0:
+  if methods.learnt_mask_ratio(config) > 0:
     result.reconstruction = dict(type="reconstruction", **every)
   if config.no_noise_prob < 1:  # Only models trained on noised images can sample.
     result.samples = dict(type="sampling", num_samples=arg.fid_samples, batch_size=100,

@@ -112,7 +112,7 @@ def evals(config, arg):
       features="representation" if config.no_noise_prob > 0 else "noised")
   if config.no_noise_prob < 1:
     result.val = dict(type="diffusion_loss", every_steps=25_000, max_examples=10_000)
-  if common.learnt_mask_ratio(config) > 0:
+  if methods.learnt_mask_ratio(config) > 0:
     result.reconstruction = dict(type="reconstruction", every_steps=25_000)
   if config.no_noise_prob < 1 and arg.use_labels:
     result.samples = dict(

@@ -95,14 +95,6 @@ def objective(config, arg):
   config.one_model_call = True
 
 
-def learnt_mask_ratio(config):
-  """The mask ratio whose masked pixels the model learns to predict (x0), for the
-  reconstruction evals; 0 when it learns none (DiT, MaskDM)."""
-  if config.no_noise_prob > 0:
-    return config.mask_ratio_no_noise
-  return config.mask_ratio if config.noised_x0_loss else 0.0
-
-
 def diffusion(arg, latent=False):
   return mlc.ConfigDict(dict(
       schedule="linear" if latent else arg.schedule,

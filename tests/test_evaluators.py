@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from big_vision import config_cli
 from big_vision import diffusion as diffusion_lib
@@ -313,6 +314,13 @@ def test_inpainting_keeps_visible_pixels(data_dir, tmp_path):
                                 split="test[:16]").run(params, 2))
   assert set(r) == {"masked_mse", "masked_psnr", "onestep_masked_mse", "onestep_masked_psnr"}
   assert os.path.exists(tmp_path / "images" / "inpainting_0000002.png")
+  # DiT's x0 head is trained nowhere: no one-step completion, in the metrics or the grid.
+  ctx.config.update(no_noise_prob=0.0, mask_ratio=0.0)
+  r = dict(inpainting.Evaluator(ctx, max_examples=8, batch_size=8, sampling_timesteps=2,
+                                split="test[:8]").run(params, 3))
+  assert set(r) == {"masked_mse", "masked_psnr"}
+  rows = np.asarray(Image.open(tmp_path / "images" / "inpainting_0000003.png")).shape[0]
+  assert rows < np.asarray(Image.open(tmp_path / "images" / "inpainting_0000002.png")).shape[0]
 
 
 _SHARDED_SAMPLING = """

@@ -2,11 +2,12 @@
 the reverse diffusion on the masked region while the visible region is re-noised from the
 input at every step (so it always agrees with it), then pasted back at the end.
 
-Compared with the one-step x0 prediction from the clean masked input (what MAE gives).
-Metrics: masked-region MSE and PSNR (images in [-1, 1], PSNR = 10 log10(4 / MSE)) of both,
-and FID of the completed images when a feature network is given. A PNG grid
-(images/{eval name}_{step}.png) shows masked input, one-step x0, diffusion inpainting and
-the original. The masks are those the model was trained with: whole blocks for a model with
+Compared with the one-step x0 prediction from the clean masked input (what MAE gives),
+for models trained to predict masked pixels' x0 (not DiT or MaskDM, whose x0 head nothing
+trains there). Metrics: masked-region MSE and PSNR (images in [-1, 1], PSNR =
+10 log10(4 / MSE)) of both, and FID of the completed images when a feature network is
+given. A PNG grid (images/{eval name}_{step}.png) shows masked input, one-step x0 (where
+it has a meaning), diffusion inpainting and the original. The masks are those the model was trained with: whole blocks for a model with
 masking="block", else random patches.
 """
 import jax
@@ -15,6 +16,7 @@ import numpy as np
 
 from big_vision import diffusion as diffusion_lib
 from big_vision import input_pipeline
+from big_vision import methods
 from big_vision import objective
 from big_vision import visualize
 from big_vision.evaluators import common
@@ -47,8 +49,12 @@ def inpaint(model_fn, diffusion, images, pixel_mask, rng, *, sampling_timesteps,
   return pixel_mask * x + (1.0 - pixel_mask) * images
 
 
+ROW_NAMES = dict(masked="masked input", onestep="one-step x0", inpainted="diffusion inpainting")
+
+
 class Evaluator:
-  """Yields masked_mse, masked_psnr, onestep_masked_mse, onestep_masked_psnr, fid{_net}."""
+  """Yields masked_mse, masked_psnr, onestep_masked_mse, onestep_masked_psnr (models that
+  learn masked x0), fid{_net}."""
 
   def __init__(self, context, mask_ratio=0.5, sampling_timesteps=None, eta=1.0,
                max_examples=256, batch_size=None, split=None, data=None, pp=None,
@@ -63,6 +69,7 @@ class Evaluator:
       masking_lib.masked_blocks(model.grid, mask_ratio, block_size)
     cfg = context.config
     self.context, self.max_examples, self.num_images = context, max_examples, num_images
+    self.onestep = methods.learnt_mask_ratio(cfg) > 0
     # The default (64) rounded up to the devices, as sampling's; a batch_size given must
     # divide over them.
     self.input_cfg = common.eval_input_config(
@@ -83,19 +90,22 @@ class Evaluator:
       key_mask, key_inpaint = jax.random.split(key)
       m = masking_lib.draw(key_mask, b, model.grid, mask_ratio, block_size)
       pixel_mask = masking_lib.mask_to_pixels(m.mask, model.grid, model.patch_size)
-      onestep = model.apply({"params": params}, images, jnp.zeros((b,), jnp.int32),
-                            masking=m)["x0"]
-      onestep = pixel_mask * jnp.clip(onestep, -1, 1) + (1 - pixel_mask) * images
       full = inpaint(objective.model_eps_fn(model, params), diffusion, images, pixel_mask,
                      key_inpaint, sampling_timesteps=steps, eta=eta, clip_x0=clip)
       denom = jnp.sum(pixel_mask, axis=(1, 2, 3)) * images.shape[-1]
       mse = lambda x: jnp.sum(jnp.square(x - images) * pixel_mask, axis=(1, 2, 3)) / denom
-      return dict(masked=jnp.where(pixel_mask > 0, 0.0, images), onestep=onestep,
-                  inpainted=full, mse=mse(full), onestep_mse=mse(onestep))
+      out = dict(masked=jnp.where(pixel_mask > 0, 0.0, images), inpainted=full, mse=mse(full))
+      if self.onestep:
+        onestep = model.apply({"params": params}, images, jnp.zeros((b,), jnp.int32),
+                              masking=m)["x0"]
+        out["onestep"] = pixel_mask * jnp.clip(onestep, -1, 1) + (1 - pixel_mask) * images
+        out["onestep_mse"] = mse(out["onestep"])
+      return out
     self._run_batch = jax.jit(run_batch)
 
   def run(self, params, step):
-    parts = {"mse": [], "onestep_mse": [], "inpainted": []}
+    parts = {"mse": [], "inpainted": []} | ({"onestep_mse": []} if self.onestep else {})
+    rows = ["masked", "onestep", "inpainted"] if self.onestep else ["masked", "inpainted"]
     grid = None
     batches = common.iterate(self.context, self.input_cfg, self.max_examples,
                              what=f"inpainting {self.input_cfg['data']['split']}")
@@ -106,15 +116,15 @@ class Evaluator:
         parts[k].append(common.gather(out[k])[valid])
       if grid is None:
         n = self.num_images
-        grid = [common.gather(x)[:n] for x in (out["masked"], out["onestep"],
-                                                out["inpainted"], batch["image"])]
+        grid = [common.gather(x)[:n] for x in [out[r] for r in rows] + [batch["image"]]]
     parts = {k: np.concatenate(v) for k, v in parts.items()}
     if self.context.is_main and grid is not None:
       visualize.image_grid(grid, common.image_path(self.context,
                                                self.context.name or "inpainting", step),
-                           row_names=["masked input", "one-step x0", "diffusion inpainting",
-                                      "original"])
+                           row_names=[ROW_NAMES[r] for r in rows] + ["original"])
     for prefix, key in (("", "mse"), ("onestep_", "onestep_mse")):
+      if key not in parts:
+        continue
       yield f"{prefix}masked_mse", float(parts[key].mean())
       yield f"{prefix}masked_psnr", float(np.mean(10 * np.log10(4 / np.maximum(parts[key],
                                                                               1e-10))))

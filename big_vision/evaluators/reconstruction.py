@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from big_vision import input_pipeline
+from big_vision import methods
 from big_vision import reconstruct
 from big_vision import visualize
 from big_vision.evaluators import common
@@ -22,9 +23,10 @@ class Evaluator:
                split=None, max_examples=2000, num_images=8, name=None):
     cfg = context.config
     if mask_ratio is None:  # The masking the model was trained to fill in.
-      mask_ratio = cfg.mask_ratio_no_noise if cfg.no_noise_prob > 0 else cfg.mask_ratio
+      mask_ratio = methods.learnt_mask_ratio(cfg)
     if not mask_ratio:
-      raise ValueError("reconstruction needs mask_ratio > 0 (the config masks nothing)")
+      raise ValueError("reconstruction needs mask_ratio > 0 (the config's model learns to "
+                       "fill in no masked pixels: it masks nothing, or scores none)")
     masking_lib.check_mask_ratio(mask_ratio)  # Now, not at the first eval mid-training.
     self.context, self.mask_ratio, self.name = context, float(mask_ratio), name
     if name is None:
