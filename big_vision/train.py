@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import numpy as np
 
@@ -269,8 +270,11 @@ def train(config, workdir):
     if config.no_noise_prob < 1:
       t = diffusion.num_timesteps // 4
       r = predict_recon(params, vis_images, jax.random.PRNGKey(2), config.mask_ratio, t)
-      rows += [r["input"], r["prediction"]]
-      names += [f"noised t={t}, {config.mask_ratio:.0%} masked", "x0 prediction"]
+      prediction, name = r["prediction"], "x0 prediction"
+      if config.mask_ratio > 0 and not methods.learnt_mask_ratio(config):  # MaskDM.
+        prediction, name = jnp.where(r["mask"] > 0, 0.0, prediction), "x0 of visible patches"
+      rows += [r["input"], prediction]
+      names += [f"noised t={t}, {config.mask_ratio:.0%} masked", name]
     rows = [eval_common.gather(r) for r in rows]
     if not is_main:
       return
