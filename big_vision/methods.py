@@ -4,8 +4,10 @@ All methods train the same auto-encoder with the UMD split of each batch (see
 docs in ../shared/notes/methods.md and README): a share `no_noise_prob` is clean and
 masked with `mask_ratio_no_noise` (x0 loss on masked pixels); the rest is noised and
 masked with `mask_ratio` (eps loss on visible, and unless `noised_x0_loss=False`, x0 loss
-on masked pixels). A method is nothing but defaults for these knobs and the model's
-masking; explicit options always win.
+on masked pixels). DiffMAE's decoder queries (`decoder_queries="noised_patches"`) change
+the noised branch: the encoder sees the clean visible patches, the decoder denoises the
+masked ones (x0 loss on masked pixels). A method is nothing but defaults for these knobs
+and the model's masking and queries; explicit options always win.
 """
 import numpy as np
 
@@ -18,6 +20,9 @@ from big_vision import config_parsing
 # blocks of 4x4 patches masked (a grid the block size does not divide is a one-line
 # error: set masking=random or another mask_block_size), the eps loss on visible patches
 # and none on masked ones; it is then fine-tuned as a plain diffusion model (mask 0).
+# DiffMAE (Wei et al., 2023): MAE's encoder on clean visible patches, a decoder with the
+# time embedding that denoises the noised masked patches (joint self-attention over
+# visible features and noised queries), x0 loss on masked pixels, 75% masked.
 PRESETS = {
     "umd": dict(mask_ratio=0.375, mask_ratio_no_noise=0.75, no_noise_prob=0.5, adaln=True),
     "mae": dict(mask_ratio=0.75, mask_ratio_no_noise=0.75, no_noise_prob=1.0, adaln=False),
@@ -25,7 +30,27 @@ PRESETS = {
     "maskdit": dict(mask_ratio=0.5, mask_ratio_no_noise=0.75, no_noise_prob=0.0, adaln=True),
     "maskdm": dict(mask_ratio=0.75, mask_ratio_no_noise=0.75, no_noise_prob=0.0, adaln=True,
                    masking="block", mask_block_size=4, noised_x0_loss=False),
+    "diffmae": dict(mask_ratio=0.75, mask_ratio_no_noise=0.75, no_noise_prob=0.0, adaln=False,
+                    decoder_queries="noised_patches"),
 }
+
+
+def is_diffmae(config):
+  """The decoder denoises noised masked patches given clean visible ones (DiffMAE)."""
+  return config.model.get("decoder_queries", "mask_token") == "noised_patches"
+
+
+def probe_features(config):
+  """What the few-shot probe reads: the encoder's features of clean images, or of noised
+  ones for models whose encoder never sees clean images (DiT, MaskDiT, MaskDM)."""
+  return "representation" if config.no_noise_prob > 0 or is_diffmae(config) else "noised"
+
+
+def samples_from_noise(config):
+  """Whether the model generates whole images from noise (FID/IS of samples): it must be
+  trained on noised images, and DiffMAE generates masked patches only, given visible ones
+  (its use is inpainting)."""
+  return config.no_noise_prob < 1 and not is_diffmae(config)
 
 
 def learnt_mask_ratio(config):
@@ -131,6 +156,11 @@ def check_config(config):
   if config.no_noise_prob < 1:
     ratios["mask_ratio"] = config.mask_ratio
   ae.check_model_config(config.model, **ratios)
+  if is_diffmae(config) and (config.no_noise_prob > 0 or config.mask_ratio == 0):
+    raise config_parsing.ConfigError(
+        f"decoder_queries='noised_patches' (DiffMAE) denoises masked patches of noised "
+        f"images: it needs no_noise_prob=0 (got {config.no_noise_prob}) and mask_ratio > 0 "
+        f"(got {config.mask_ratio})")
   batch_size = config.get("batch_size")
   if batch_size is None and config.get("input") is not None:
     batch_size = config.input.get("batch_size")

@@ -6,7 +6,10 @@ Each batch is split (statically, so shapes are known to jit):
   - the rest are noised at t ~ U{0..T-1} (fed to the network as t + 1, keeping 0 for
     clean), masked with `mask_ratio`, and scored by the mean of the eps error on visible
     pixels and the x0 error on masked pixels (with `noised_x0_loss=False`, MaskDM's masked
-    denoising, by the eps error on visible pixels alone).
+    denoising, by the eps error on visible pixels alone);
+  - with `noised_queries` (DiffMAE), the noised images are not the encoder's input: it sees
+    the clean visible patches, the decoder the noised masked ones, and the branch is scored
+    by the x0 error on masked pixels.
 The total is the two branch losses weighted by their share of the batch. A branch with
 no masked pixels scores what it can: x0 on all pixels (clean) or eps on all pixels (noised).
 
@@ -70,7 +73,8 @@ def drop_labels(labels, keys, rate, null_label):
 
 def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_noise_prob,
              mask_ratio, mask_ratio_no_noise, grid, patch_size, mask_block_size=None,
-             noised_x0_loss=True, label_dropout=0.0, null_label=None, one_call=True):
+             noised_x0_loss=True, noised_queries=False, label_dropout=0.0, null_label=None,
+             one_call=True):
   """Returns (loss, metrics) for one batch.
 
   Args:
@@ -84,6 +88,7 @@ def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_no
     grid, patch_size: the model's patch grid, to make masks and pixel masks.
     mask_block_size: block-wise masking (MaskDM) when set, else random masking.
     noised_x0_loss: the noised branch's x0 loss on masked pixels (False: MaskDM).
+    noised_queries: DiffMAE's noised branch (apply_fn then takes noised=); no clean branch.
     label_dropout, null_label: classifier-free guidance training.
     one_call: both branches in one model call (the encoder runs per branch, the decoder
       once over the whole batch); False: a call per branch, the straightforward way,
@@ -91,13 +96,16 @@ def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_no
   """
   b = images.shape[0]
   n_clean, n_noised = split_sizes(b, no_noise_prob)
+  if noised_queries and n_clean:  # Its queries would be the clean masked patches.
+    raise ValueError(f"noised_queries (DiffMAE) has no clean branch: no_noise_prob="
+                     f"{no_noise_prob} must be 0")
   keys = jax.vmap(lambda k: jax.random.split(k, 4))(example_keys)  # [B, 4]
   key_mask, key_t, key_eps, key_drop = (keys[:, i] for i in range(4))
   labels = drop_labels(labels, key_drop, label_dropout, null_label)
   masks = lambda sl, ratio: masking_lib.per_example(key_mask[sl], grid, ratio,
                                                     mask_block_size)
   # The model's inputs, branch by branch: clean images first, then noised ones.
-  inputs, steps, maskings, noise = [], [], [], None
+  inputs, steps, maskings, noise, noised = [], [], [], None, None
   if n_clean:
     inputs.append(images[:n_clean])
     steps.append(jnp.zeros((n_clean,), jnp.int32))
@@ -107,17 +115,20 @@ def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_no
     t = jax.vmap(lambda k: jax.random.randint(k, (), 0, diffusion.num_timesteps))(
         key_t[n_clean:])
     noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(key_eps[n_clean:])
-    inputs.append(diffusion.q_sample(x0, t, noise))
+    noised = diffusion.q_sample(x0, t, noise)
+    inputs.append(x0 if noised_queries else noised)
     steps.append(t + 1)
     maskings.append(masks(slice(n_clean, b), mask_ratio))
   cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
+  queries = dict(noised=noised) if noised_queries else {}  # Only a noised branch here.
   if one_call:
-    out = apply_fn(params, cat(inputs), cat(steps), labels, masking=tuple(maskings))
+    out = apply_fn(params, cat(inputs), cat(steps), labels, masking=tuple(maskings),
+                   **queries)
   else:
     outs, start = [], 0
     for x, t_in, m in zip(inputs, steps, maskings):
       y = None if labels is None else labels[start:start + x.shape[0]]
-      outs.append(apply_fn(params, x, t_in, y, masking=m))
+      outs.append(apply_fn(params, x, t_in, y, masking=m, **queries))
       start += x.shape[0]
     out = {k: cat([o[k] for o in outs]) for k in outs[0]}
   branch = lambda sl: {k: v[sl] for k, v in out.items()}
@@ -128,11 +139,15 @@ def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_no
     metrics["loss_clean"] = clean
     loss = loss + clean * (n_clean / b)
   if n_noised:
-    noised = noised_branch_loss(branch(slice(n_clean, b)), images[n_clean:], noise, grid,
-                                patch_size, any_masked=mask_ratio > 0,
-                                x0_loss=noised_x0_loss)
-    metrics["loss_noised"] = noised
-    loss = loss + noised * (n_noised / b)
+    if noised_queries:  # DiffMAE: the masked patches' x0.
+      noised_loss = clean_branch_loss(branch(slice(n_clean, b)), images[n_clean:], grid,
+                                      patch_size)
+    else:
+      noised_loss = noised_branch_loss(branch(slice(n_clean, b)), images[n_clean:], noise,
+                                       grid, patch_size, any_masked=mask_ratio > 0,
+                                       x0_loss=noised_x0_loss)
+    metrics["loss_noised"] = noised_loss
+    loss = loss + noised_loss * (n_noised / b)
 
   metrics["loss"] = loss
   return loss, metrics

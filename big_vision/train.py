@@ -257,7 +257,8 @@ def train(config, workdir):
   def predict_recon(params, images, rng, mask_ratio, t):
     return reconstruct.reconstruct(apply, params, images, rng, mask_ratio=mask_ratio,
                                    grid=model.grid, patch_size=model.patch_size, t=t,
-                                   diffusion=diffusion)
+                                   diffusion=diffusion,
+                                   noised_queries=methods.is_diffmae(config))
 
   def write_pictures(step, params, vis_images):
     # Every process computes (the arrays span all of them); only the main one writes.
@@ -274,7 +275,8 @@ def train(config, workdir):
       if config.mask_ratio > 0 and not methods.learnt_mask_ratio(config):  # MaskDM.
         prediction, name = jnp.where(r["mask"] > 0, 0.0, prediction), "x0 of visible patches"
       rows += [r["input"], prediction]
-      names += [f"noised t={t}, {config.mask_ratio:.0%} masked", name]
+      noised = "masked patches noised" if methods.is_diffmae(config) else "noised"
+      names += [f"{noised} t={t}, {config.mask_ratio:.0%} masked", name]
     rows = [eval_common.gather(r) for r in rows]
     if not is_main:
       return

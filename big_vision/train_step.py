@@ -16,10 +16,10 @@ from big_vision.config_parsing import ConfigError
 
 
 def make_apply(model):
-  def apply(params, images, t, labels, *, mask_ratio=0.0, masking=None, train=False,
-            rngs=None):
+  def apply(params, images, t, labels, *, mask_ratio=0.0, masking=None, noised=None,
+            train=False, rngs=None):
     return model.apply({"params": params}, images, t, labels, mask_ratio=mask_ratio,
-                       masking=masking, train=train, rngs=rngs)
+                       masking=masking, noised=noised, train=train, rngs=rngs)
   return apply
 
 
@@ -73,6 +73,7 @@ def make_update(config, model, diffusion, tx, lr_fn, rng, batch_size, num_device
       grid=model.grid, patch_size=model.patch_size,
       mask_block_size=model.block_mask_size,
       noised_x0_loss=config.get("noised_x0_loss", True),
+      noised_queries=model.decoder_queries == "noised_patches",
       label_dropout=config.get("label_dropout", 0.1) if labels_on else 0.0,
       null_label=model.num_classes, one_call=config.get("one_model_call", True))
   accum = config.get("grad_accum_steps", 1)

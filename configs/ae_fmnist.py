@@ -3,6 +3,7 @@ r"""UMD on Fashion-MNIST (28x28 grayscale): the main job that runs on a laptop C
 
   python -m big_vision.train --config configs/ae_fmnist.py --workdir DIR
   ... :method=mae   ... :method=dit   ... :method=maskdit   ... :method=maskdm
+  ... :method=diffmae (inpainting rather than samples)
   ... :epochs=20   ... :variant=S/4
 
 The data comes from Debian's dataset-fashion-mnist files, turned into a TFDS dataset
@@ -23,7 +24,8 @@ def get_config(arg=None):
   """Config for Fashion-MNIST auto-encoder training."""
   # MaskDM masks blocks of 4x4 patches; Ti/4's 7x7 grid has none: single patches here.
   arg = common.parse(
-      arg, method_defaults={"maskdm": dict(masking="random")}, variant="Ti/4", batch_size=128, epochs=1.5, lr=1.5e-4 * 4, warmup=0.05,
+      arg, method_defaults={"maskdm": dict(masking="random")},
+      variant="Ti/4", batch_size=128, epochs=1.5, lr=1.5e-4 * 4, warmup=0.05,
       timesteps=1000, sampling_timesteps=50, data_dir="", shuffle_buffer=20_000,
       evals=True, eval_epochs=1.0, fid_samples=500,
       feature_net="~/.cache/big_vision/fmnist_classifier.npz")
@@ -60,7 +62,7 @@ def evals(config, arg):
   feature_net = dict(kind="fmnist_classifier", weights=os.path.expanduser(arg.feature_net))
   result = mlc.ConfigDict()
   # Features of clean images, or of noised ones for models that never see clean inputs.
-  features = "representation" if config.no_noise_prob > 0 else "noised"
+  features = methods.probe_features(config)
   # Shots, and the held-out part for the ridge strength, come from the first 5000 training
   # images; accuracy is measured on the whole test split.
   probe = dict(type="fewshot", train_split="train[:5000]", test_split="test")
@@ -69,11 +71,12 @@ def evals(config, arg):
   result.val = dict(type="diffusion_loss", **every)
   if methods.learnt_mask_ratio(config) > 0:
     result.reconstruction = dict(type="reconstruction", **every)
-  if config.no_noise_prob < 1:  # Only models trained on noised images can sample.
+  if methods.samples_from_noise(config):
     result.samples = dict(type="sampling", num_samples=arg.fid_samples, batch_size=100,
                           feature_net=feature_net)
     if arg.use_labels:  # Classifier-free guidance needs labels.
       result.samples.guidance_scales = (1.0, 3.0)
+  if config.no_noise_prob < 1:  # Only models trained on noised images can inpaint.
     # One batch, sharded over the devices: 200 divides on 1, 2, 4 or 8 of them.
     result.inpainting = dict(type="inpainting", mask_ratio=0.5, max_examples=200,
                              batch_size=200, feature_net=feature_net)

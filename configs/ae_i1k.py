@@ -5,6 +5,7 @@ Self-supervised pre-training, 800 epochs, B/4 (100-shot linear probe every 10k s
   python -m big_vision.train --config configs/ae_i1k.py:method=umd,variant=B/4,size=64 --workdir DIR
   ... :method=mae,batch_size=4096      ... :method=dit      ... :method=maskdit
   ... :method=maskdm   (blocks of 4x4 patches, 75% masked, eps loss on visible patches)
+  ... :method=diffmae  (DiffMAE's light decoder, e.g. B: 384 wide, 8 deep; no samples)
   ... :variant=B/4,no_noise_prob=0.0,mask_ratio=0.5        (explicit options override the preset)
 Class-conditional fine-tuning of a pre-trained checkpoint (50 epochs, EMA, CFG):
   ... :variant=B/4,finetune=True,init_from=PRETRAIN_WORKDIR
@@ -86,10 +87,13 @@ def get_config(arg=None):
   config.ckpt_steps = 5000
 
   common.objective(config, arg)
-  # UMD's decoder keeps the encoder's width with 4 layers (8 for L and H).
+  # UMD's decoder keeps the encoder's width with 4 layers (8 for L and H); DiffMAE's is
+  # its paper's (the size table's).
+  umd_decoder = lambda enc: (enc["width"], 4 if enc["depth"] <= 12 else 8)
+  table_decoder = lambda enc: (enc["decoder_width"], enc["decoder_depth"])
   config.model = common.model(
       arg, image_size=space[0], channels=space[2], num_classes=1000 if arg.use_labels else 0,
-      decoder_rule=lambda enc: (enc["width"], 4 if enc["depth"] <= 12 else 8))
+      decoder_rule=table_decoder if arg.method == "diffmae" else umd_decoder)
   config.diffusion = common.diffusion(arg, latent=arg.latent_diffusion)
   common.schedule_and_optimizer(config, arg)
   config.finetune = arg.finetune
@@ -109,12 +113,12 @@ def evals(config, arg):
   result.fewshot = dict(
       type="fewshot", every_steps=arg.fewshot_steps, train_split="train[:300000]",
       test_split="validation", shots=(10, 25, 100),
-      features="representation" if config.no_noise_prob > 0 else "noised")
+      features=methods.probe_features(config))
   if config.no_noise_prob < 1:
     result.val = dict(type="diffusion_loss", every_steps=25_000, max_examples=10_000)
   if methods.learnt_mask_ratio(config) > 0:
     result.reconstruction = dict(type="reconstruction", every_steps=25_000)
-  if config.no_noise_prob < 1 and arg.use_labels:
+  if methods.samples_from_noise(config) and arg.use_labels:
     result.samples = dict(
         type="sampling", every_steps=25_000, num_samples=10_000, batch_size=250,
         guidance_scales=(1.0, 2.0, 4.0), reference_split="validation", floor_split="train",

@@ -9,8 +9,8 @@ from big_vision import methods
 from big_vision.models import ae
 
 # Options every auto-encoder config accepts, with their defaults. Method-dependent ones
-# (mask ratios, no_noise_prob, adaln; MaskDM's masking and noised_x0_loss) come from
-# big_vision.methods.PRESETS.
+# (mask ratios, no_noise_prob, adaln; MaskDM's masking and noised_x0_loss, DiffMAE's
+# decoder_queries) come from big_vision.methods.PRESETS.
 COMMON_OPTIONS = dict(
     method="umd",
     variant="B/4",
@@ -28,6 +28,7 @@ COMMON_OPTIONS = dict(
     dtype_activations="float32",  # bfloat16: the residual stream too (accelerators).
     attention="xla",   # auto: cuDNN's fused attention on a GPU with bf16 matmuls.
     flat_dense=True,   # Token Dense layers as one flat matmul (False: nn.Dense's 3-D dot).
+    decoder_queries=ae.Model.decoder_queries,  # mask_token, or noised_patches (DiffMAE).
     fsdp=False,
     batch_size=256,
     epochs=0.0,        # Either epochs or total_steps sets the run's length.
@@ -80,6 +81,7 @@ def model(arg, image_size, channels, num_classes, decoder_rule):
       dtype_activations=arg.dtype_activations,
       attention=arg.attention,
       flat_dense=arg.flat_dense,
+      decoder_queries=arg.decoder_queries,
   ))
 
 

@@ -72,6 +72,20 @@ def test_method_semantics():
   assert fmnist_maskdm.model.masking == "random" and not fmnist_maskdm.noised_x0_loss
   with pytest.raises(ConfigError, match="mask_block_size=4 does not divide the patch grid 7x7"):
     methods.check_config(ae_fmnist.get_config("method=maskdm,masking=block"))
+  # DiffMAE: noised masked patches as the decoder's queries, its paper's light decoder, the
+  # probe on clean images, and inpainting rather than samples from noise.
+  diffmae = ae_i1k.get_config("method=diffmae,use_labels=True")
+  assert diffmae.model.decoder_queries == "noised_patches" and not diffmae.model.adaln
+  assert (diffmae.no_noise_prob, diffmae.mask_ratio) == (0.0, 0.75)
+  assert (diffmae.model.decoder_width, diffmae.model.decoder_depth) == (384, 8)
+  assert diffmae.evals.fewshot.features == "representation" and "samples" not in diffmae.evals
+  fmnist_diffmae = ae_fmnist.get_config("method=diffmae")
+  assert "samples" not in fmnist_diffmae.evals and "inpainting" in fmnist_diffmae.evals
+  assert "reconstruction" in fmnist_diffmae.evals
+  for bad in ("no_noise_prob=0.5", "mask_ratio=0.0"):
+    with pytest.raises(ConfigError, match=r"decoder_queries='noised_patches' \(DiffMAE\) "
+                                          r"denoises masked patches .* needs no_noise_prob=0"):
+      methods.check_config(ae_fmnist.get_config(f"method=diffmae,{bad}"))
   umd = ae_i1k.get_config("")
   assert (umd.method, umd.mask_ratio, umd.mask_ratio_no_noise) == ("umd", 0.375, 0.75)
   assert umd.model.variant == "B/4" and umd.model.image_size == 64
@@ -82,7 +96,8 @@ def test_method_semantics():
 
 
 def test_unknown_method():
-  with pytest.raises(ConfigError, match=r"unknown method 'vae'.*dit, mae, maskdit, maskdm, umd"):
+  with pytest.raises(ConfigError,
+                     match=r"unknown method 'vae'.*diffmae, dit, mae, maskdit, maskdm, umd"):
     ae_i1k.get_config("method=vae")
 
 

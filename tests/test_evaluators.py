@@ -170,6 +170,31 @@ def test_diffusion_loss_conditioned_model_scores_true_labels(data_dir, tmp_path)
   assert got["loss_uncond"] == pytest.approx(direct(None), rel=1e-5)
   assert abs(got["loss"] - got["loss_uncond"]) > 1e-4  # The labels do change the loss.
 
+def test_diffmae_evaluators(data_dir, tmp_path):
+  """DiffMAE through the evaluators: the validation loss is the x0 error on masked pixels
+  (with a zero head it predicts 0: about the images' mean square, where UMD's eps loss
+  on visible pixels would add about 1); reconstruction and inpainting run; no samples."""
+  from big_vision import input_pipeline
+  from big_vision.evaluators import diffusion_loss, inpainting, reconstruction, sampling
+  ctx, params = make_context(data_dir, str(tmp_path), "variant=Mu/4,method=diffmae")
+  params = dict(params, head=jax.tree_util.tree_map(jnp.zeros_like, params["head"]))
+  val = dict(diffusion_loss.Evaluator(ctx, num_ranges=2, split="test[:64]",
+                                      batch_size=32).run(params, 0))
+  builder = input_pipeline.get_dataset_builder("fashion_mnist_local", data_dir)
+  pixels = np.stack([ex["image"] for ex in
+                     builder.as_dataset(split="test[:64]").as_numpy_iterator()])
+  mean_square = float(np.mean((pixels / 127.5 - 1.0) ** 2))
+  assert val["loss"] == val["loss_noised"] == pytest.approx(mean_square, rel=0.05)
+  r = dict(reconstruction.Evaluator(ctx, split="test[:16]", batch_size=16).run(params, 1))
+  assert np.isfinite(r["masked_mse"])
+  r = dict(inpainting.Evaluator(ctx, max_examples=8, batch_size=8, sampling_timesteps=2,
+                                split="test[:8]").run(params, 1))
+  assert set(r) == {"masked_mse", "masked_psnr", "onestep_masked_mse", "onestep_masked_psnr"}
+  assert all(np.isfinite(v) for v in r.values())
+  with pytest.raises(ValueError, match=r"DiffMAE .* use the inpainting eval|evaluate it with"):
+    sampling.Evaluator(ctx, num_samples=4, batch_size=4)
+
+
 def test_reconstruction_evaluator_png_and_psnr(data_dir, tmp_path):
   from big_vision.evaluators import reconstruction
   ctx, params = make_context(data_dir, str(tmp_path))

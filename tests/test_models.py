@@ -64,7 +64,9 @@ def test_every_method_preset_forward(method):
   params = model.init(RNGS, x, t, labels, mask_ratio=config.mask_ratio)["params"]
   n = model.num_patches
   for ratio in (config.mask_ratio, config.mask_ratio_no_noise):
-    out = model.apply({"params": params}, x, t, labels, mask_ratio=ratio, train=True, rngs=RNGS)
+    queries = dict(noised=-x) if method == "diffmae" else {}  # DiffMAE's noised images.
+    out = model.apply({"params": params}, x, t, labels, mask_ratio=ratio, train=True, rngs=RNGS,
+                      **queries)
     assert out["x0"].shape == x.shape and out["eps"].shape == x.shape
     assert out["mask"].shape == (3, n)
     np.testing.assert_array_equal(out["mask"].sum(1), n - masking.num_kept(n, ratio))
@@ -86,6 +88,49 @@ def test_masked_patches_are_invisible_to_the_model():
   x3 = jnp.where(pixel_mask > 0, x, 5.0)  # Change visible pixels: output must change.
   out3 = model.apply({"params": params}, x3, t, masking=m)
   assert np.abs(out3["x0"] - out1["x0"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("adaln", [True, False])
+def test_diffmae_sees_clean_visible_and_noised_masked_patches(adaln):
+  """DiffMAE's queries: the encoder reads the clean images' visible patches only, the
+  decoder the noised images' masked patches only, and t only through the decoder."""
+  model = ae.build_model(dict(variant="Mu/4", image_size=16, adaln=adaln,
+                              decoder_queries="noised_patches"))
+  x, noised = _images(), _images(seed=1)
+  t = jnp.array([3, 300, 900])
+  params = _perturbed(model.init(RNGS, x, t, mask_ratio=0.5)["params"])
+  assert "query_embedding" in params and "mask_token" not in params
+  m = masking.random_masking(jax.random.PRNGKey(5), 3, model.num_patches, 0.5)
+  pixel_mask = masking.mask_to_pixels(m.mask, model.grid, model.patch_size)
+  out = lambda images, noised, t=t: model.apply({"params": params}, images, t, masking=m,
+                                                noised=noised)["x0"]
+  base = out(x, noised)
+  changed = lambda a, b: float(jnp.abs(a - b).max())
+  # The clean masked pixels (the answer) and the noised visible ones reach nothing.
+  assert changed(out(jnp.where(pixel_mask > 0, 5.0, x), noised), base) < 1e-5
+  assert changed(out(x, jnp.where(pixel_mask > 0, noised, 5.0)), base) < 1e-5
+  # The clean visible and the noised masked pixels do, and so does t.
+  assert changed(out(jnp.where(pixel_mask > 0, x, 5.0), noised), base) > 1e-3
+  assert changed(out(x, jnp.where(pixel_mask > 0, 5.0, noised)), base) > 1e-3
+  assert changed(out(x, noised, t=jnp.array([3, 300, 100])), base) > 1e-3
+  # The encoder is conditioned on t = 0 whatever t is: it sees clean patches.
+  def encoder_output(t):
+    _, state = model.apply({"params": params}, x, t, masking=m, noised=noised,
+                           capture_intermediates=lambda mdl, _: mdl.name == "encoder_norm",
+                           mutable=["intermediates"])
+    return state["intermediates"]["encoder_norm"]["__call__"][0]
+  np.testing.assert_allclose(encoder_output(t), encoder_output(jnp.zeros(3, jnp.int32)),
+                             atol=1e-6)
+  with pytest.raises(ValueError, match=r"needs noised="):
+    model.apply({"params": params}, x, t, masking=m)
+
+
+def test_noised_is_only_for_diffmae():
+  model = ae.build_model(dict(variant="Mu/4", image_size=16))
+  x, t = _images(b=2), jnp.array([1, 2])
+  params = model.init(RNGS, x, t)["params"]
+  with pytest.raises(ValueError, match=r"noised= is DiffMAE's input"):
+    model.apply({"params": params}, x, t, noised=x)
 
 
 @pytest.mark.parametrize("adaln", [True, False])

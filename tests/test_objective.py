@@ -22,7 +22,7 @@ def make_fake_apply(calls, x0_err=1.0, eps_err=2.0, off_target=10.0):
   once per branch; `calls` records each branch as a group: its images, t, masked-patch
   counts and size.
   """
-  def apply(params, images, t, labels, *, masking):
+  def apply(params, images, t, labels, *, masking, noised=None):
     del params, labels
     groups = (masking,) if isinstance(masking, masking_lib.Masking) else masking
     offset = sum(c["batch"] for c in calls)  # Where this call starts in the batch.
@@ -31,7 +31,8 @@ def make_fake_apply(calls, x0_err=1.0, eps_err=2.0, off_target=10.0):
       b = m.mask.shape[0]
       calls.append(dict(images=np.asarray(images[start:start + b]),
                         t=np.asarray(t[start:start + b]), masked=np.asarray(m.mask).sum(1),
-                        batch=b))
+                        batch=b, noised=None if noised is None else np.asarray(
+                            noised[start:start + b])))
       start += b
     assert start == images.shape[0]
     mask = jnp.concatenate([m.mask for m in groups])
@@ -112,6 +113,30 @@ def test_maskdm_is_eps_loss_on_visible_pixels_alone():
   assert float(loss) == pytest.approx(4.0)  # eps error 2 on visible pixels, nothing else.
   loss, _ = objective.umd_loss(make_fake_apply([]), None, images, None, keys, DIFFUSION, **kw)
   assert float(loss) == pytest.approx(2.5)  # MaskDiT: and x0 error 1 on masked pixels.
+
+
+def test_diffmae_encodes_clean_images_and_denoises_masked_patches():
+  """DiffMAE: the model gets the clean images and, as noised=, their q_sample at the t it
+  is fed; the loss is the x0 error on masked pixels alone."""
+  images = jax.random.uniform(jax.random.PRNGKey(0), (8, 8, 8, 1), minval=-1, maxval=1)
+  keys = jax.random.split(jax.random.PRNGKey(1), 8)
+  noise = jnp.stack([jax.random.normal(jax.random.split(k, 4)[2], (8, 8, 1)) for k in keys])
+  calls_truth.update(x0=images, eps=noise)
+  calls = []
+  kw = dict(mask_ratio=0.5, mask_ratio_no_noise=0.75, grid=(4, 4), patch_size=2,
+            noised_queries=True)
+  loss, metrics = objective.umd_loss(make_fake_apply(calls), None, images, None, keys,
+                                     DIFFUSION, no_noise_prob=0.0, **kw)
+  assert float(loss) == pytest.approx(1.0) and set(metrics) == {"loss", "loss_noised"}
+  np.testing.assert_array_equal(calls[0]["images"], images)
+  t = calls[0]["t"] - 1
+  ab = np.cumprod(1.0 - diffusion_lib.get_betas("cosine", 100))[t][:, None, None, None]
+  np.testing.assert_allclose(calls[0]["noised"],
+                             np.sqrt(ab) * images + np.sqrt(1 - ab) * np.asarray(noise),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"no clean branch: no_noise_prob=0.5 must be 0"):
+    objective.umd_loss(make_fake_apply([]), None, images, None, keys, DIFFUSION,
+                       no_noise_prob=0.5, **kw)
 
 
 def test_dit_preset_is_eps_loss_on_all_pixels():

@@ -40,3 +40,27 @@ def test_clean_prediction_is_the_x0_head():
                               images, jax.random.PRNGKey(0), mask_ratio=0.5, grid=(2, 2),
                               patch_size=2)
   np.testing.assert_allclose(r["prediction"], 0.25)
+
+
+def test_diffmae_sees_clean_images_and_masked_patches_from_pure_noise():
+  """DiffMAE (noised_queries): the model gets the clean images and, without t, the masked
+  patches noised at the last step (pure noise: MAE's one step); visible pixels are known."""
+  images = jax.random.uniform(jax.random.PRNGKey(0), (1, 4, 4, 1), minval=-0.9, maxval=0.9)
+  seen = {}
+
+  def apply(params, x, t, labels, *, mask_ratio, noised, rngs):
+    del params, labels, mask_ratio, rngs
+    seen.update(images=x, t=t, noised=noised)
+    return dict(x0=jnp.full_like(x, 0.5), eps=jnp.zeros_like(x), mask=MASK)
+
+  r = reconstruct.reconstruct(apply, None, images, jax.random.PRNGKey(1), mask_ratio=0.5,
+                              grid=(2, 2), patch_size=2, diffusion=DIFFUSION,
+                              noised_queries=True)
+  np.testing.assert_array_equal(seen["images"], images)
+  np.testing.assert_array_equal(seen["t"], [100])  # The last step, fed as t + 1.
+  noise = jax.random.normal(jax.random.split(jax.random.PRNGKey(1))[1], images.shape)
+  np.testing.assert_allclose(seen["noised"], DIFFUSION.q_sample(
+      images, jnp.array([99]), noise), atol=1e-6)
+  pixel_mask = np.kron(np.asarray(MASK).reshape(2, 2), np.ones((2, 2)))[None, :, :, None]
+  np.testing.assert_allclose(r["prediction"], np.where(pixel_mask > 0, 0.5, images), atol=1e-6)
+  np.testing.assert_allclose(r["input"], np.where(pixel_mask > 0, seen["noised"], images))

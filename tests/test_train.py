@@ -257,7 +257,7 @@ def test_resume_on_another_process_count_warns_and_goes_on():
     assert not lines
 
 
-@pytest.mark.parametrize("method", ["mae", "dit", "maskdit", "maskdm"])
+@pytest.mark.parametrize("method", ["mae", "dit", "maskdit", "maskdm", "diffmae"])
 def test_method_presets_train(data_dir, tmp_path, method):
   config = fmnist_config(data_dir, f"method={method},total_steps=3", log_training_steps=1)
   train.train(config, str(tmp_path / method))

@@ -1,8 +1,9 @@
 """Validation diffusion loss: the training objective on held-out images, overall and by t.
 
 Every image is scored by both branches (clean: x0 on masked pixels; noised at a random t:
-eps on visible and, unless noised_x0_loss=False, x0 on masked pixels), and `loss` weighs them by no_noise_prob, the
-expectation of the training objective. By-t losses score the noised branch with t drawn
+eps on visible and, unless noised_x0_loss=False, x0 on masked pixels; DiffMAE: x0 on the
+masked pixels it denoises, given the clean visible ones), and `loss` weighs them by
+no_noise_prob, the expectation of the training objective. By-t losses score the noised branch with t drawn
 uniformly inside each range. Label-conditioned models (num_classes > 0) see each image's
 true label, as in training (without its label dropout); `loss_uncond` is their `loss` with
 the null label (classifier-free guidance's unconditional model), on the same masks, steps
@@ -34,16 +35,21 @@ class Evaluator:
     edges = np.linspace(0, n, num_ranges + 1).astype(int)
     self.ranges = list(zip(edges[:-1], edges[1:]))
 
-    def apply(params, images, t, labels, *, mask_ratio, train=False, rngs=None):
+    def apply(params, images, t, labels, *, mask_ratio, noised=None, rngs=None):
       return model.apply({"params": params}, images, t, labels, mask_ratio=mask_ratio,
-                         train=train, rngs=rngs)
+                         noised=noised, rngs=rngs)
 
     clean_loss = functools.partial(objective.clean_branch_loss, grid=model.grid,
                                    patch_size=model.patch_size,
                                    any_masked=cfg.mask_ratio_no_noise > 0)
-    noised_loss = functools.partial(objective.noised_branch_loss, grid=model.grid,
-                                    patch_size=model.patch_size, any_masked=cfg.mask_ratio > 0,
-                                    x0_loss=cfg.get("noised_x0_loss", True))
+    diffmae = model.decoder_queries == "noised_patches"
+    if diffmae:  # The masked patches it denoises: their x0.
+      noised_loss = lambda out, images, noise: objective.clean_branch_loss(
+          out, images, model.grid, model.patch_size)
+    else:
+      noised_loss = functools.partial(
+          objective.noised_branch_loss, grid=model.grid, patch_size=model.patch_size,
+          any_masked=cfg.mask_ratio > 0, x0_loss=cfg.get("noised_x0_loss", True))
 
     def per_image(loss_fn, out, *arrays):
       """The branch loss of every image on its own (padding is weighted out later)."""
@@ -54,8 +60,13 @@ class Evaluator:
       k_t, k_eps, k_mask = jax.random.split(key, 3)
       t = jax.random.randint(k_t, images.shape[:1], lo, hi)
       noise = jax.random.normal(k_eps, images.shape)
-      out = apply(params, diffusion.q_sample(images, t, noise), t + 1, labels,
-                  mask_ratio=cfg.mask_ratio, rngs={"mask": k_mask, "dropout": k_mask})
+      x_t = diffusion.q_sample(images, t, noise)
+      rngs = {"mask": k_mask, "dropout": k_mask}
+      if diffmae:
+        out = apply(params, images, t + 1, labels, mask_ratio=cfg.mask_ratio, noised=x_t,
+                    rngs=rngs)
+      else:
+        out = apply(params, x_t, t + 1, labels, mask_ratio=cfg.mask_ratio, rngs=rngs)
       return per_image(noised_loss, out, images, noise)
 
     def objective_terms(params, images, labels, keys):

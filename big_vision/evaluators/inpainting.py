@@ -1,14 +1,16 @@
 """Inpainting, DiffMAE's use of a masked diffusion model: complete masked images by running
 the reverse diffusion on the masked region while the visible region is re-noised from the
-input at every step (so it always agrees with it), then pasted back at the end.
+input at every step (so it always agrees with it), then pasted back at the end. A DiffMAE
+model (decoder_queries="noised_patches") is asked as it was trained: its encoder sees the
+clean visible patches, its decoder the masked ones at each step.
 
 Compared with the one-step x0 prediction from the clean masked input (what MAE gives),
 for models trained to predict masked pixels' x0 (not DiT or MaskDM, whose x0 head nothing
 trains there). Metrics: masked-region MSE and PSNR (images in [-1, 1], PSNR =
 10 log10(4 / MSE)) of both, and FID of the completed images when a feature network is
 given. A PNG grid (images/{eval name}_{step}.png) shows masked input, one-step x0 (where
-it has a meaning), diffusion inpainting and the original. The masks are those the model was trained with: whole blocks for a model with
-masking="block", else random patches.
+it has a meaning), diffusion inpainting and the original. The masks are those the model
+was trained with: whole blocks for a model with masking="block", else random patches.
 """
 import jax
 import jax.numpy as jnp
@@ -70,6 +72,7 @@ class Evaluator:
     cfg = context.config
     self.context, self.max_examples, self.num_images = context, max_examples, num_images
     self.onestep = methods.learnt_mask_ratio(cfg) > 0
+    diffmae = model.decoder_queries == "noised_patches"
     # The default (64) rounded up to the devices, as sampling's; a batch_size given must
     # divide over them.
     self.input_cfg = common.eval_input_config(
@@ -90,14 +93,22 @@ class Evaluator:
       key_mask, key_inpaint = jax.random.split(key)
       m = masking_lib.draw(key_mask, b, model.grid, mask_ratio, block_size)
       pixel_mask = masking_lib.mask_to_pixels(m.mask, model.grid, model.patch_size)
-      full = inpaint(objective.model_eps_fn(model, params), diffusion, images, pixel_mask,
-                     key_inpaint, sampling_timesteps=steps, eta=eta, clip_x0=clip)
+      def diffmae_eps(x, t, labels):  # Its decoder denoises the masked patches of x.
+        x0 = model.apply({"params": params}, images, t + 1, labels, masking=m, noised=x)["x0"]
+        return diffusion.predict_eps_from_x0(x, t, x0)
+      model_fn = diffmae_eps if diffmae else objective.model_eps_fn(model, params)
+      full = inpaint(model_fn, diffusion, images, pixel_mask, key_inpaint,
+                     sampling_timesteps=steps, eta=eta, clip_x0=clip)
       denom = jnp.sum(pixel_mask, axis=(1, 2, 3)) * images.shape[-1]
       mse = lambda x: jnp.sum(jnp.square(x - images) * pixel_mask, axis=(1, 2, 3)) / denom
       out = dict(masked=jnp.where(pixel_mask > 0, 0.0, images), inpainted=full, mse=mse(full))
-      if self.onestep:
-        onestep = model.apply({"params": params}, images, jnp.zeros((b,), jnp.int32),
-                              masking=m)["x0"]
+      if self.onestep:  # DiffMAE's: from pure noise at the last step.
+        t_model, noised = jnp.zeros((b,), jnp.int32), {}
+        if diffmae:
+          t_model = jnp.full((b,), diffusion.num_timesteps, jnp.int32)
+          noised = dict(noised=jax.random.normal(key_mask, images.shape))
+        onestep = model.apply({"params": params}, images, t_model, masking=m,
+                              **noised)["x0"]
         out["onestep"] = pixel_mask * jnp.clip(onestep, -1, 1) + (1 - pixel_mask) * images
         out["onestep_mse"] = mse(out["onestep"])
       return out

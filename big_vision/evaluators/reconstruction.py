@@ -35,13 +35,16 @@ class Evaluator:
     self.max_examples, self.num_images = max_examples, num_images
     model = context.model
 
-    def apply(params, images, t, labels, *, mask_ratio, train=False, rngs=None):
+    def apply(params, images, t, labels, *, mask_ratio, noised=None, rngs=None):
       return model.apply({"params": params}, images, t, labels, mask_ratio=mask_ratio,
-                         train=train, rngs=rngs)
+                         noised=noised, rngs=rngs)
 
     def recon(params, images, valid, key):
+      # DiffMAE's masked patches start from pure noise: its one-step reconstruction.
       r = reconstruct.reconstruct(apply, params, images, key, mask_ratio=self.mask_ratio,
-                                  grid=model.grid, patch_size=model.patch_size)
+                                  grid=model.grid, patch_size=model.patch_size,
+                                  diffusion=context.diffusion,
+                                  noised_queries=model.decoder_queries == "noised_patches")
       err = jnp.sum(jnp.square(r["prediction"] - images) * r["mask"], axis=(1, 2, 3))
       per_image = err / (jnp.sum(r["mask"], axis=(1, 2, 3)) * images.shape[-1])
       return r, jnp.sum(per_image * valid), jnp.sum(

@@ -36,6 +36,10 @@ class Evaluator:
                cache_dir=None, data=None, pp=None, num_grid=64, seed=0):
     if sampler not in SAMPLERS:
       raise ValueError(f"sampling: unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+    if context.model.decoder_queries == "noised_patches":
+      raise ValueError("sampling: a DiffMAE model (decoder_queries='noised_patches') "
+                       "generates masked patches given visible ones, not whole images from "
+                       "noise; evaluate it with the inpainting eval")
     # Checked now: these failed only at the eval's first run (the final one loses FID).
     check_int("num_samples", num_samples, 2 if feature_net else 1,
               " (FID needs two samples for a covariance)" if feature_net else "")

@@ -9,10 +9,12 @@ One module expresses MAE, UMD, DiT, MaskDiT and MaskDM; the trainer decides what
 
 Conditioning c = time embedding (+ label embedding) enters every block through AdaLN-Zero
 (`adaln=True`, DiT) or is added to the tokens (`adaln=False`).
-The decoder queries at masked positions are built in `_masked_queries` (MAE's mask
-token). MaskDM's block masking is an option here (`masking="block"`, `mask_block_size`),
-its loss on visible patches one of the objective's (`noised_x0_loss=False`). DiffMAE is
-not built yet: its noisy masked patches would plug in as the decoder's queries there.
+The decoder queries at masked positions are built in `_masked_queries`: MAE's learned mask
+token, or (`decoder_queries="noised_patches"`, DiffMAE) the embedding of each masked patch
+of a noised image: then the encoder sees the clean visible patches (condition t = 0), and
+only the decoder is conditioned on the noise level t. MaskDM's block masking is an option
+here (`masking="block"`, `mask_block_size`), its loss on visible patches one of the
+objective's (`noised_x0_loss=False`).
 """
 import re
 from typing import Any, Optional, Sequence
@@ -285,6 +287,7 @@ class Model(nn.Module):
   # Token Dense layers as one [B*N, in] matmul (TokenDense); False: nn.Dense's 3-D dot,
   # the same function, slower on XLA:CPU (kept to compare, see TokenDense).
   flat_dense: bool = True
+  decoder_queries: str = "mask_token"  # or "noised_patches" (DiffMAE), see the docstring.
 
   @property
   def grid(self):
@@ -323,8 +326,11 @@ class Model(nn.Module):
     self.encoder = Stack(self.depth, self.mlp_dim, self.num_heads, **stack)
     self.encoder_norm = norm.LayerNorm()
     self.decoder_embed = dense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
-    self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
-                                 (1, 1, self.decoder_width))
+    if self.decoder_queries == "noised_patches":
+      self.query_embedding = dense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
+    else:
+      self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
+                                   (1, 1, self.decoder_width))
     if not self.adaln:
       self.decoder_cond = nn.Dense(self.decoder_width, kernel_init=_dense_init)
       self.decoder_norm = norm.LayerNorm()
@@ -366,17 +372,22 @@ class Model(nn.Module):
       x = x + cond[:, None, :]
     return self.encoder_norm(self.encoder(x, cond))
 
-  def _masked_queries(self, visible, masking):
-    """Decoder inputs at masked positions: MAE's learned mask token."""
+  def _masked_queries(self, visible, masking, noised):
+    """Decoder inputs at masked positions [B, N - K, decoder_width]: MAE's learned mask
+    token, or DiffMAE's embedded patches of the noised images there."""
     b, k, d = visible.shape
+    if self.decoder_queries == "noised_patches":
+      queries = self.query_embedding(patchify(noised, self.patch_size))
+      return masking_lib.gather_tokens(queries, masking_lib.masked_ids(masking)).astype(
+          visible.dtype)
     return jnp.broadcast_to(self.mask_token, (b, self.num_patches - k, d)).astype(visible.dtype)
 
-  def decoder_inputs(self, latent, masking):
+  def decoder_inputs(self, latent, masking, noised=None):
     """Encoder output -> decoder tokens [B, num_cls + N, decoder_width], in image order."""
     x = self.decoder_embed(latent)
     cls, visible = x[:, :self.num_cls_tokens], x[:, self.num_cls_tokens:]
-    patches = masking_lib.restore_tokens(visible, self._masked_queries(visible, masking),
-                                         masking.ids_restore)
+    patches = masking_lib.restore_tokens(
+        visible, self._masked_queries(visible, masking, noised), masking.ids_restore)
     return jnp.concatenate([cls, patches + self.decoder_pos_embedding], axis=1)
 
   def decode_tokens(self, x, cond):
@@ -391,15 +402,17 @@ class Model(nn.Module):
       x = self.decoder_norm(x)
     return self.head(x[:, self.num_cls_tokens:]).astype(jnp.float32)
 
-  def decode(self, latent, cond, masking):
+  def decode(self, latent, cond, masking, noised=None):
     """Encoder output -> per-patch predictions [B, N, p*p*2C]."""
-    return self.decode_tokens(self.decoder_inputs(latent, masking), cond)
+    return self.decode_tokens(self.decoder_inputs(latent, masking, noised), cond)
 
-  def __call__(self, images, t, labels=None, *, mask_ratio=0.0, masking=None, train=False):
+  def __call__(self, images, t, labels=None, *, mask_ratio=0.0, masking=None, noised=None,
+               train=False):
     """Predicts x0 and eps for (possibly noised) images.
 
     Args:
-      images: [B, H, W, C], clean (t = 0) or noised (t = diffusion step + 1).
+      images: [B, H, W, C], clean (t = 0) or noised (t = diffusion step + 1); with
+        decoder_queries="noised_patches" (DiffMAE) always clean: the encoder's input.
       t: [B] int time steps; 0 means clean.
       labels: [B] int class labels, or None (null class) for conditional models.
       mask_ratio: share of patches hidden from the encoder (needs a 'mask' rng).
@@ -408,6 +421,8 @@ class Model(nn.Module):
         clean and noised halves). Each group goes through the encoder on its own, and
         all groups through the decoder together: the same result as separate calls,
         with one decoder pass of larger matrices.
+      noised: DiffMAE's [B, H, W, C] images noised at t, whose masked patches are the
+        decoder's queries (decoder_queries="noised_patches" only, where it is required).
       train: no effect on the model (label dropout is the objective's).
     Returns:
       dict(x0=[B,H,W,C], eps=[B,H,W,C], mask=[B,N] with 1 at masked patches).
@@ -420,11 +435,21 @@ class Model(nn.Module):
     if sum(sizes) != b:
       raise ValueError(f"maskings cover {sum(sizes)} images (groups of {sizes}); the batch "
                        f"has {b}")
-    cond = self.condition(t, labels)
+    cond = encoder_cond = self.condition(t, labels)
+    if self.decoder_queries == "noised_patches":
+      if noised is None and not self.is_initializing():  # Never the clean masked patches.
+        raise ValueError("decoder_queries='noised_patches' (DiffMAE) needs noised= (the "
+                         "images noised at t, whose masked patches the decoder denoises)")
+      noised = images if noised is None else noised
+      encoder_cond = self.condition(jnp.zeros_like(t), labels)  # It sees clean patches.
+    elif noised is not None:
+      raise ValueError("noised= is DiffMAE's input (decoder_queries='noised_patches'); this "
+                       "model's decoder queries are mask tokens")
     tokens, start = [], 0
     for m, size in zip(groups, sizes):
       sl = slice(start, start + size)
-      tokens.append(self.decoder_inputs(self.encode(images[sl], cond[sl], m), m))
+      tokens.append(self.decoder_inputs(self.encode(images[sl], encoder_cond[sl], m), m,
+                                        None if noised is None else noised[sl]))
       start += size
     tokens = tokens[0] if len(tokens) == 1 else jnp.concatenate(tokens, axis=0)
     out = self.decode_tokens(tokens, cond)
@@ -446,10 +471,13 @@ class Model(nn.Module):
     return latent.mean(axis=1)
 
 
+# What the decoder sees at masked positions: MAE's mask token, or DiffMAE's noised patches.
+DECODER_QUERIES = ("mask_token", "noised_patches")
+
 MODEL_OPTIONS = ("variant", "image_size", "channels", "num_cls_tokens", "adaln", "num_classes",
                  "posemb", "masking", "mask_block_size", "scan", "remat_policy", "dtype_mm",
                  "dtype_activations", "attention", "flat_dense", "decoder_width",
-                 "decoder_depth", "decoder_mlp_dim")
+                 "decoder_depth", "decoder_mlp_dim", "decoder_queries")
 
 
 def _resolve(model_config):
@@ -498,6 +526,9 @@ def _resolve(model_config):
     raise ConfigError(f"unknown posemb {kw['posemb']!r}; known: sincos2d, learn")
   if kw.get("masking", "random") not in ("random", "block"):
     raise ConfigError(f"unknown masking {kw['masking']!r}; known: random, block")
+  if kw.get("decoder_queries", "mask_token") not in DECODER_QUERIES:
+    raise ConfigError(f"unknown decoder_queries {kw['decoder_queries']!r}; known: "
+                      f"{', '.join(DECODER_QUERIES)}")
   _check_masking(kw, mask_ratio=0.0)  # The block size, whatever the ratios.
   for key in ("width", "decoder_width"):
     if kw[key] % kw["num_heads"]:

@@ -135,6 +135,12 @@ def restore_tokens(kept, fill, ids_restore):
   return gather_tokens(jnp.concatenate([kept, fill], axis=1), ids_restore)
 
 
+def masked_ids(masking):
+  """[B, N - K] indices of the masked tokens, in the order restore_tokens' `fill` has."""
+  order = jnp.argsort(masking.ids_restore, axis=1)  # [kept..., masked...] -> token index.
+  return order[:, masking.ids_keep.shape[1]:].astype(jnp.int32)
+
+
 def mask_to_pixels(mask, grid_hw, patch_size):
   """[B, N] token mask -> [B, H, W, 1] pixel mask."""
   gh, gw = grid_hw
