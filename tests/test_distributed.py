@@ -2,7 +2,6 @@
 (plan() on fake environments), what initialize() hands to JAX, and two real processes."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -10,6 +9,7 @@ import textwrap
 import pytest
 
 from big_vision import distributed
+from tests import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -205,17 +205,11 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_real_processes_on_localhost():
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("BV_", "SLURM_", "OMPI_", "PMI_", "MV2_", "TPU_", "MASTER_"))}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, BV_NUM_PROCESSES="2",
-             BV_COORDINATOR_ADDRESS=f"localhost:{_free_port()}",
+             BV_COORDINATOR_ADDRESS=f"localhost:{processes.free_port()}",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   procs = [subprocess.Popen([sys.executable, "-c", WORKER], cwd=ROOT,
                             env=dict(env, BV_PROCESS_ID=str(i)), stdout=subprocess.PIPE,

@@ -1,12 +1,8 @@
 """Evaluator data collection across two processes (jax.distributed on the CPU, gloo):
 every process's real rows exactly once, uneven shards, max_examples, global sums."""
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import processes
 
 SCRIPT = textwrap.dedent("""
     import sys
@@ -35,25 +31,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_collect_on_two_processes_gets_each_real_row_once(tmp_path):
   script = tmp_path / "collect.py"
   script.write_text(SCRIPT)
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outputs = [p.communicate(timeout=240) for p in procs]
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  for out, _ in outputs:
+  port = processes.free_port()
+  for out in processes.run_all([[str(script), str(port), str(i)] for i in range(2)]):
     line = [l for l in out.splitlines() if l.startswith("RESULT")][0]
     assert line == "RESULT [0.0, 1.0, 2.0, 10.0, 11.0] 3 24.0", line
 
@@ -99,21 +81,10 @@ def test_reference_statistics_cached_on_one_host_only(tmp_path):
   another lacks must not leave the other waiting for it forever."""
   script = tmp_path / "cache.py"
   script.write_text(CACHE_SCRIPT)
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(tmp_path)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=150) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  for out, _ in outputs:  # Both computed them from the real images of both hosts.
+  port = processes.free_port()
+  outputs = processes.run_all([[str(script), str(port), str(i), str(tmp_path)]
+                               for i in range(2)], timeout=150)
+  for out in outputs:  # Both computed them from the real images of both hosts.
     assert "RESULT True" in out, out
 
 

@@ -350,25 +350,8 @@ print("RESULT", len(every), len(scorer.real_images(ref_cfg, 100)), err < 1e-9, f
 def test_reference_statistics_on_two_hosts_count_every_image_once(tmp_path):
   """Streamed over two processes' shards (with padding), the reference statistics on each
   host are those of the 9 real images of both hosts, each counted once."""
-  import socket
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  procs = [subprocess.Popen([sys.executable, "-c", _TWO_HOSTS, str(port), str(i),
-                             str(tmp_path)], cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=200) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  for out, _ in outputs:
+  from tests import processes  # pylint: disable=g-import-not-at-top
+  port = processes.free_port()
+  for out in processes.run_all([["-c", _TWO_HOSTS, str(port), str(i), str(tmp_path)]
+                                for i in range(2)], timeout=200):
     assert "RESULT 9 9 True" in out, out

@@ -2,20 +2,14 @@
 4 devices, through JAX's distributed runtime; the checkpoint then resumes in one process."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
+from tests import processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def _args(workdir, steps):
@@ -51,7 +45,7 @@ def test_two_processes_equal_one_and_restore_elsewhere(data_dir, tmp_path):
                                stderr=subprocess.PIPE, text=True)
 
   multi = str(tmp_path / "multi")
-  port = _free_port()
+  port = processes.free_port()
   procs = [subprocess.Popen(
       [sys.executable] + _args(multi, 3) + [
           f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
