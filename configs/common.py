@@ -29,6 +29,7 @@ COMMON_OPTIONS = dict(
     attention="xla",   # auto: cuDNN's fused attention on a GPU with bf16 matmuls.
     flat_dense=True,   # Token Dense layers as one flat matmul (False: nn.Dense's 3-D dot).
     decoder_queries=ae.Model.decoder_queries,  # mask_token, or noised_patches (DiffMAE).
+    decoder_attention=ae.Model.decoder_attention,  # joint; DiffMAE's cross_self or cross.
     fsdp=False,
     batch_size=256,
     epochs=0.0,        # Either epochs or total_steps sets the run's length.
@@ -82,6 +83,7 @@ def model(arg, image_size, channels, num_classes, decoder_rule):
       attention=arg.attention,
       flat_dense=arg.flat_dense,
       decoder_queries=arg.decoder_queries,
+      decoder_attention=arg.decoder_attention,
   ))
 
 

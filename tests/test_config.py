@@ -82,6 +82,9 @@ def test_method_semantics():
   fmnist_diffmae = ae_fmnist.get_config("method=diffmae")
   assert "samples" not in fmnist_diffmae.evals and "inpainting" in fmnist_diffmae.evals
   assert "reconstruction" in fmnist_diffmae.evals
+  cross = ae_fmnist.get_config("method=diffmae,decoder_attention=cross")
+  assert cross.model.decoder_attention == "cross"
+  methods.check_config(cross)
   for bad in ("no_noise_prob=0.5", "mask_ratio=0.0"):
     with pytest.raises(ConfigError, match=r"decoder_queries='noised_patches' \(DiffMAE\) "
                                           r"denoises masked patches .* needs no_noise_prob=0"):

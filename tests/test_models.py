@@ -90,12 +90,15 @@ def test_masked_patches_are_invisible_to_the_model():
   assert np.abs(out3["x0"] - out1["x0"]).max() > 1e-3
 
 
-@pytest.mark.parametrize("adaln", [True, False])
-def test_diffmae_sees_clean_visible_and_noised_masked_patches(adaln):
+@pytest.mark.parametrize("adaln,decoder_attention", [
+    (True, "joint"), (False, "joint"), (False, "cross_self"), (False, "cross")])
+def test_diffmae_sees_clean_visible_and_noised_masked_patches(adaln, decoder_attention):
   """DiffMAE's queries: the encoder reads the clean images' visible patches only, the
-  decoder the noised images' masked patches only, and t only through the decoder."""
+  decoder the noised images' masked patches only, and t only through the decoder; with
+  each of its decoders."""
   model = ae.build_model(dict(variant="Mu/4", image_size=16, adaln=adaln,
-                              decoder_queries="noised_patches"))
+                              decoder_queries="noised_patches",
+                              decoder_attention=decoder_attention))
   x, noised = _images(), _images(seed=1)
   t = jnp.array([3, 300, 900])
   params = _perturbed(model.init(RNGS, x, t, mask_ratio=0.5)["params"])
@@ -123,6 +126,10 @@ def test_diffmae_sees_clean_visible_and_noised_masked_patches(adaln):
                              atol=1e-6)
   with pytest.raises(ValueError, match=r"needs noised="):
     model.apply({"params": params}, x, t, masking=m)
+  if decoder_attention != "joint":  # Only the masked patches are predicted.
+    np.testing.assert_array_equal(np.where(pixel_mask > 0, 0.0, base), 0.0)
+    assert "cross_attn" in params["decoder"]["block_00"]
+    assert ("attn" in params["decoder"]["block_00"]) == (decoder_attention == "cross_self")
 
 
 def test_noised_is_only_for_diffmae():
@@ -179,14 +186,18 @@ def _stack_blocks(params, depth):
 
 def _masked_loss_and_grads(model, params, x, t):
   """A loss of both outputs at mask ratio 0.5, and its gradients."""
+  queries = dict(noised=-x) if model.decoder_queries == "noised_patches" else {}
   def loss(p):
-    out = model.apply({"params": p}, x, t, mask_ratio=0.5, rngs=RNGS)
+    out = model.apply({"params": p}, x, t, mask_ratio=0.5, rngs=RNGS, **queries)
     return jnp.mean(out["eps"] ** 2 + out["x0"] ** 2)
   return jax.value_and_grad(loss)(params)
 
 
-def test_scan_and_remat_match_unrolled():
-  kw = dict(variant="Mu/4", image_size=16)
+@pytest.mark.parametrize("kw", [
+    dict(variant="Mu/4", image_size=16),
+    dict(variant="Mu/4", image_size=16, adaln=False, decoder_queries="noised_patches",
+         decoder_attention="cross_self")])  # The context is broadcast to every block.
+def test_scan_and_remat_match_unrolled(kw):
   plain = ae.build_model(kw)
   scanned = ae.build_model(dict(kw, scan=True, remat_policy="nothing_saveable"))
   x, t = _images(), jnp.array([0, 10, 999])
@@ -355,6 +366,13 @@ def test_representation_is_clean_unmasked_and_deterministic():
      "flat_dense must be True or False, not 'yes'"),
     (dict(variant="B/4", image_size=64, adaln="False"), "adaln must be True or False, not 'False'"),
     (dict(variant="B/4", image_size=64, scan=1), "scan must be True or False, not 1"),
+    (dict(variant="B/4", image_size=64, decoder_queries="noise"), "unknown decoder_queries"),
+    (dict(variant="B/4", image_size=64, decoder_attention="self"),
+     "unknown decoder_attention 'self'; known: joint, cross_self, cross"),
+    (dict(variant="B/4", image_size=64, adaln=False, decoder_attention="cross"),
+     r"decoder_attention='cross' is DiffMAE's: .* \(decoder_queries='noised_patches'\)"),
+    (dict(variant="B/4", image_size=64, decoder_queries="noised_patches",
+          decoder_attention="cross_self"), r"with additive conditioning \(adaln=False\)"),
     (dict(variant="B/4", image_size=64, colour=True), r"unknown model option\(s\) colour"),
 ])
 def test_bad_model_config(cfg, match):

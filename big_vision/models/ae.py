@@ -12,7 +12,9 @@ Conditioning c = time embedding (+ label embedding) enters every block through A
 The decoder queries at masked positions are built in `_masked_queries`: MAE's learned mask
 token, or (`decoder_queries="noised_patches"`, DiffMAE) the embedding of each masked patch
 of a noised image: then the encoder sees the clean visible patches (condition t = 0), and
-only the decoder is conditioned on the noise level t. MaskDM's block masking is an option
+only the decoder is conditioned on the noise level t. Its decoder attends jointly to the
+visible features and the queries, or (`decoder_attention="cross_self"`, `"cross"`) the
+queries alone go through it, cross-attending to the visible features. MaskDM's block masking is an option
 here (`masking="block"`, `mask_block_size`), its loss on visible patches one of the
 objective's (`noised_x0_loss=False`).
 """
@@ -168,6 +170,28 @@ class Attention(nn.Module):
         out.reshape(b, n, d))
 
 
+class CrossAttention(nn.Module):
+  """Queries x [B, N, D] attend to context [B, M, D] (DiffMAE's cross decoders)."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  attention: str = "xla"
+  flat_dense: bool = True
+
+  @nn.compact
+  def __call__(self, x, context):
+    (b, n, d), m = x.shape, context.shape[1]
+    heads = lambda y, length: y.reshape(b, length, self.num_heads, d // self.num_heads)
+    dense = dense_module(self.flat_dense)
+    q = dense(d, kernel_init=_dense_init, dtype=self.dtype, name="q")(x)
+    kv = dense(2 * d, kernel_init=_dense_init, dtype=self.dtype, name="kv")(context)
+    k, v = jnp.split(kv, 2, axis=-1)
+    out = jax.nn.dot_product_attention(
+        heads(q, n), heads(k, m), heads(v, m),
+        implementation=attention_implementation(self.attention, self.dtype))
+    return dense(d, kernel_init=_dense_init, dtype=self.dtype, name="proj")(
+        out.reshape(b, n, d))
+
+
 def _gelu(x):
   return nn.gelu(x, approximate=True)
 
@@ -194,6 +218,10 @@ class Block(nn.Module):
   (norm.py). `recompute_elementwise` (remat_policy="elementwise"): the backward pass
   also recomputes the GELU from fc1's output rather than keep its intermediates.
   Whole-block remat saves more and recomputes the matmuls too.
+
+  `layout` (DiffMAE's decoders): "self" attention over the tokens; "cross_self", self-
+  then cross-attention to `context`; "cross", cross-attention alone. The cross layouts
+  take additive conditioning only (adaln=False).
   """
   mlp_dim: int
   num_heads: int
@@ -203,14 +231,22 @@ class Block(nn.Module):
   act_dtype: Any = jnp.float32  # Of the residual stream and the norms' outputs.
   flat_dense: bool = True
   recompute_elementwise: bool = False
+  layout: str = "self"
 
   @nn.compact
-  def __call__(self, x, cond):
+  def __call__(self, x, cond, context=None):
     d = x.shape[-1]
     attn = Attention(self.num_heads, self.dtype, self.attention, self.flat_dense, name="attn")
     mlp = Mlp(self.mlp_dim, self.dtype, self.flat_dense, self.recompute_elementwise,
               name="mlp")
-    if self.adaln:
+    if self.layout != "self":  # Additive conditioning only (checked by _resolve).
+      if self.layout == "cross_self":
+        x = x + attn(norm.LayerNorm(self.act_dtype, name="norm1")(x))
+      cross = CrossAttention(self.num_heads, self.dtype, self.attention, self.flat_dense,
+                             name="cross_attn")
+      x = x + cross(norm.LayerNorm(self.act_dtype, name="cross_norm")(x), context)
+      x = x + mlp(norm.LayerNorm(self.act_dtype, name="norm2")(x))
+    elif self.adaln:
       mod = nn.Dense(6 * d, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                      name="adaln_modulation")(nn.silu(cond))
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
@@ -234,9 +270,10 @@ class Stack(nn.Module):
   attention: str = "xla"
   act_dtype: Any = jnp.float32
   flat_dense: bool = True
+  layout: str = "self"  # See Block.
 
   @nn.compact
-  def __call__(self, x, cond):
+  def __call__(self, x, cond, context=None):
     x = x.astype(self.act_dtype)
     block = Block
     if self.remat_policy not in ("none", "elementwise"):
@@ -245,15 +282,15 @@ class Stack(nn.Module):
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, adaln=self.adaln,
               dtype=self.dtype, attention=self.attention, act_dtype=self.act_dtype,
               flat_dense=self.flat_dense,
-              recompute_elementwise=self.remat_policy == "elementwise")
+              recompute_elementwise=self.remat_policy == "elementwise", layout=self.layout)
     if self.scan:
       scanned = nn.scan(block, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},
-                        in_axes=nn.broadcast, length=self.depth)
-      x, _ = scanned(**kw, name="blocks")(x, cond)
+                        in_axes=(nn.broadcast, nn.broadcast), length=self.depth)
+      x, _ = scanned(**kw, name="blocks")(x, cond, context)
     else:
       for i in range(self.depth):
-        x, _ = block(**kw, name=f"block_{i:02d}")(x, cond)
+        x, _ = block(**kw, name=f"block_{i:02d}")(x, cond, context)
     return x
 
 
@@ -288,6 +325,10 @@ class Model(nn.Module):
   # the same function, slower on XLA:CPU (kept to compare, see TokenDense).
   flat_dense: bool = True
   decoder_queries: str = "mask_token"  # or "noised_patches" (DiffMAE), see the docstring.
+  # DiffMAE's decoders: "joint" self-attention over the visible features and the queries;
+  # "cross_self" / "cross": the queries alone, attending to the visible features (see
+  # Block), which predict the masked patches only.
+  decoder_attention: str = "joint"
 
   @property
   def grid(self):
@@ -334,8 +375,9 @@ class Model(nn.Module):
     if not self.adaln:
       self.decoder_cond = nn.Dense(self.decoder_width, kernel_init=_dense_init)
       self.decoder_norm = norm.LayerNorm()
+    layout = "self" if self.decoder_attention == "joint" else self.decoder_attention
     self.decoder = Stack(self.decoder_depth, self.decoder_mlp_dim or 4 * self.decoder_width,
-                         self.num_heads, **stack)
+                         self.num_heads, layout=layout, **stack)
     if self.adaln:
       self.final_norm = norm.NormModulate()
       self.final_modulation = nn.Dense(2 * self.decoder_width,
@@ -383,28 +425,34 @@ class Model(nn.Module):
     return jnp.broadcast_to(self.mask_token, (b, self.num_patches - k, d)).astype(visible.dtype)
 
   def decoder_inputs(self, latent, masking, noised=None):
-    """Encoder output -> decoder tokens [B, num_cls + N, decoder_width], in image order."""
+    """Encoder output -> decoder tokens [B, num_cls + N, decoder_width], in image order;
+    for the cross decoders, (queries at the masked positions [B, N - K, decoder_width],
+    the visible features they attend to [B, num_cls + K, decoder_width])."""
     x = self.decoder_embed(latent)
     cls, visible = x[:, :self.num_cls_tokens], x[:, self.num_cls_tokens:]
-    patches = masking_lib.restore_tokens(
-        visible, self._masked_queries(visible, masking, noised), masking.ids_restore)
+    queries = self._masked_queries(visible, masking, noised)
+    if self.decoder_attention != "joint":
+      posemb = jnp.broadcast_to(self.decoder_pos_embedding,
+                                (x.shape[0],) + self.decoder_pos_embedding.shape[1:])
+      at = lambda ids: masking_lib.gather_tokens(posemb, ids).astype(x.dtype)
+      return (queries + at(masking_lib.masked_ids(masking)),
+              jnp.concatenate([cls, visible + at(masking.ids_keep)], axis=1))
+    patches = masking_lib.restore_tokens(visible, queries, masking.ids_restore)
     return jnp.concatenate([cls, patches + self.decoder_pos_embedding], axis=1)
 
-  def decode_tokens(self, x, cond):
-    """Decoder tokens -> per-patch predictions [B, N, p*p*2C]."""
+  def decode_tokens(self, x, cond, context=None):
+    """Decoder tokens -> per-patch predictions [B, N, p*p*2C]; for the cross decoders,
+    queries attending to `context` -> predictions at their positions [B, N - K, ...]."""
     if not self.adaln:
       x = x + self.decoder_cond(cond)[:, None, :]
-    x = self.decoder(x, cond)
+    x = self.decoder(x, cond, context)
     if self.adaln:
       shift, scale = jnp.split(self.final_modulation(nn.silu(cond))[:, None], 2, axis=-1)
       x = self.final_norm(x, shift, scale)
     else:
       x = self.decoder_norm(x)
-    return self.head(x[:, self.num_cls_tokens:]).astype(jnp.float32)
-
-  def decode(self, latent, cond, masking, noised=None):
-    """Encoder output -> per-patch predictions [B, N, p*p*2C]."""
-    return self.decode_tokens(self.decoder_inputs(latent, masking, noised), cond)
+    return self.head(x if context is not None else x[:, self.num_cls_tokens:]).astype(
+        jnp.float32)
 
   def __call__(self, images, t, labels=None, *, mask_ratio=0.0, masking=None, noised=None,
                train=False):
@@ -451,8 +499,18 @@ class Model(nn.Module):
       tokens.append(self.decoder_inputs(self.encode(images[sl], encoder_cond[sl], m), m,
                                         None if noised is None else noised[sl]))
       start += size
-    tokens = tokens[0] if len(tokens) == 1 else jnp.concatenate(tokens, axis=0)
-    out = self.decode_tokens(tokens, cond)
+    if self.decoder_attention != "joint":  # Predictions at the masked positions only.
+      if len(groups) > 1:
+        raise ValueError(f"decoder_attention={self.decoder_attention!r} decodes one group "
+                         f"of images at a time, not {len(groups)}")
+      queries, context = tokens[0]
+      out = self.decode_tokens(queries, cond, context)
+      out = masking_lib.restore_tokens(
+          jnp.zeros((b, groups[0].ids_keep.shape[1], out.shape[-1]), out.dtype), out,
+          groups[0].ids_restore)
+    else:
+      out = self.decode_tokens(tokens[0] if len(tokens) == 1 else
+                               jnp.concatenate(tokens, axis=0), cond)
     out = unpatchify(out, self.grid, self.patch_size, 2 * self.channels)
     mask = jnp.concatenate([m.mask for m in groups], axis=0)
     return dict(x0=out[..., :self.channels], eps=out[..., self.channels:], mask=mask)
@@ -473,11 +531,13 @@ class Model(nn.Module):
 
 # What the decoder sees at masked positions: MAE's mask token, or DiffMAE's noised patches.
 DECODER_QUERIES = ("mask_token", "noised_patches")
+# How the decoder reads the visible features: jointly, or DiffMAE's cross attention.
+DECODER_ATTENTION = ("joint", "cross_self", "cross")
 
 MODEL_OPTIONS = ("variant", "image_size", "channels", "num_cls_tokens", "adaln", "num_classes",
                  "posemb", "masking", "mask_block_size", "scan", "remat_policy", "dtype_mm",
                  "dtype_activations", "attention", "flat_dense", "decoder_width",
-                 "decoder_depth", "decoder_mlp_dim", "decoder_queries")
+                 "decoder_depth", "decoder_mlp_dim", "decoder_queries", "decoder_attention")
 
 
 def _resolve(model_config):
@@ -529,6 +589,15 @@ def _resolve(model_config):
   if kw.get("decoder_queries", "mask_token") not in DECODER_QUERIES:
     raise ConfigError(f"unknown decoder_queries {kw['decoder_queries']!r}; known: "
                       f"{', '.join(DECODER_QUERIES)}")
+  layout = kw.get("decoder_attention", "joint")
+  if layout not in DECODER_ATTENTION:
+    raise ConfigError(f"unknown decoder_attention {layout!r}; known: "
+                      f"{', '.join(DECODER_ATTENTION)}")
+  if layout != "joint" and (kw.get("decoder_queries") != "noised_patches"
+                            or kw.get("adaln", True)):
+    raise ConfigError(f"decoder_attention={layout!r} is DiffMAE's: it predicts the masked "
+                      "patches alone, from noised-patch queries (decoder_queries="
+                      "'noised_patches') with additive conditioning (adaln=False)")
   _check_masking(kw, mask_ratio=0.0)  # The block size, whatever the ratios.
   for key in ("width", "decoder_width"):
     if kw[key] % kw["num_heads"]:
