@@ -156,11 +156,13 @@ def check_config(config):
   if config.no_noise_prob < 1:
     ratios["mask_ratio"] = config.mask_ratio
   ae.check_model_config(config.model, **ratios)
-  if is_diffmae(config) and (config.no_noise_prob > 0 or config.mask_ratio == 0):
+  if is_diffmae(config) and (config.no_noise_prob > 0 or config.mask_ratio == 0
+                             or not config.get("noised_x0_loss", True)):
     raise config_parsing.ConfigError(
         f"decoder_queries='noised_patches' (DiffMAE) denoises masked patches of noised "
-        f"images: it needs no_noise_prob=0 (got {config.no_noise_prob}) and mask_ratio > 0 "
-        f"(got {config.mask_ratio})")
+        f"images, scored by their x0: it needs no_noise_prob=0 (got {config.no_noise_prob}),"
+        f" mask_ratio > 0 (got {config.mask_ratio}) and noised_x0_loss=True (got "
+        f"{config.get('noised_x0_loss', True)})")
   batch_size = config.get("batch_size")
   if batch_size is None and config.get("input") is not None:
     batch_size = config.input.get("batch_size")

@@ -16,7 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("arg", ["method=umd,variant=Mu/4", "method=dit,variant=Mu/2",
                                  "method=mae,variant=Mu/4,adaln=False",
-                                 "method=diffmae,variant=Mu/4"])
+                                 "method=diffmae,variant=Mu/4",
+                                 "method=diffmae,variant=Mu/4,decoder_attention=cross_self",
+                                 "method=diffmae,variant=Mu/4,decoder_attention=cross"])
 def test_analytic_matmul_flops_match_xla_count(arg):
   """XLA counts the matmuls plus elementwise work: a little above the analytic count."""
   config = ae_fmnist.get_config(arg + ",batch_size=8,evals=False")

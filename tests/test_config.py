@@ -85,7 +85,7 @@ def test_method_semantics():
   cross = ae_fmnist.get_config("method=diffmae,decoder_attention=cross")
   assert cross.model.decoder_attention == "cross"
   methods.check_config(cross)
-  for bad in ("no_noise_prob=0.5", "mask_ratio=0.0"):
+  for bad in ("no_noise_prob=0.5", "mask_ratio=0.0", "noised_x0_loss=False"):
     with pytest.raises(ConfigError, match=r"decoder_queries='noised_patches' \(DiffMAE\) "
                                           r"denoises masked patches .* needs no_noise_prob=0"):
       methods.check_config(ae_fmnist.get_config(f"method=diffmae,{bad}"))

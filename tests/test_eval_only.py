@@ -95,3 +95,16 @@ def test_every_eval_skipped_says_so(data_dir, workdir):
       kind="inception", weights="/nonexistent/inception.npz")))
   with pytest.raises(SystemExit, match=r"every eval was skipped \(see above\)"):
     eval_only.evaluate(config, workdir)
+
+
+def test_the_noised_branch_loss_is_part_of_the_run():
+  """A MaskDM run (no x0 loss on masked pixels) is not MaskDiT's, whatever the ratios; a
+  config.json from before noised_x0_loss existed is a run with it."""
+  from configs import ae_fmnist  # pylint: disable=g-import-not-at-top
+  maskdm = ae_fmnist.get_config("method=maskdm")
+  with pytest.raises(ConfigError, match=r"noised_x0_loss: run False, config True"):
+    eval_only.check_matches_run(ae_fmnist.get_config("method=maskdit,mask_ratio=0.75"),
+                                maskdm, "/w/config.json")
+  older = ae_fmnist.get_config("")
+  del older["noised_x0_loss"]
+  eval_only.check_matches_run(ae_fmnist.get_config(""), older, "/w/config.json")

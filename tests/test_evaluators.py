@@ -22,6 +22,7 @@ from big_vision.evaluators import common
 from big_vision.evaluators import fid_math
 from big_vision.evaluators import linear_probe
 from big_vision.models import ae
+from big_vision.models import masking as masking_lib
 from big_vision.tools import eval_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,6 +194,49 @@ def test_diffmae_evaluators(data_dir, tmp_path):
   assert all(np.isfinite(v) for v in r.values())
   with pytest.raises(ValueError, match=r"DiffMAE .* use the inpainting eval|evaluate it with"):
     sampling.Evaluator(ctx, num_samples=4, batch_size=4)
+
+
+class _PerfectDiffMAE:
+  """Stands for a DiffMAE model: x0 is the clean images (the encoder's input, which a real
+  model sees only at visible patches) when it is asked as trained: noised queries that
+  are not the clean images, t + 1 in [1, T]. Otherwise, or at visible pixels, off by 10."""
+  decoder_queries, num_classes, block_mask_size = "noised_patches", 0, None
+  grid, patch_size, num_timesteps = (7, 7), 4, 1000
+
+  def apply(self, variables, images, t, labels=None, *, mask_ratio=0.0, masking=None,
+            noised=None, rngs=None):
+    del variables, labels
+    if masking is None:
+      masking = masking_lib.draw(rngs["mask"], images.shape[0], self.grid, mask_ratio)
+    masked = masking_lib.mask_to_pixels(masking.mask, self.grid, self.patch_size)
+    as_trained = (jnp.all((t >= 1) & (t <= self.num_timesteps))
+                  & jnp.any(jnp.abs(noised - images) * masked > 1e-3))
+    x0 = images + 10.0 * (1.0 - masked * as_trained)
+    return dict(x0=x0, eps=jnp.zeros_like(images), mask=masking.mask)
+
+
+def test_diffmae_evaluators_ask_the_model_as_trained(data_dir, tmp_path):
+  """With a model that is exact only when given noised queries and t + 1, DiffMAE's
+  validation loss (x0 on masked pixels) is 0 and inpainting recovers the images."""
+  from big_vision.evaluators import diffusion_loss, inpainting
+  ctx, _ = make_context(data_dir, str(tmp_path), "variant=Mu/4,method=diffmae")
+  ctx = dataclasses.replace(ctx, model=_PerfectDiffMAE())
+  val = dict(diffusion_loss.Evaluator(ctx, num_ranges=2, split="test[:32]",
+                                      batch_size=32).run(None, 0))
+  assert max(val.values()) < 1e-10, val
+  r = dict(inpainting.Evaluator(ctx, max_examples=8, batch_size=8, sampling_timesteps=5,
+                                split="test[:8]").run(None, 1))
+  assert r["masked_mse"] < 1e-8 and r["onestep_masked_mse"] < 1e-10, r
+
+
+def test_maskdm_validation_loss_is_eps_on_visible_pixels(data_dir, tmp_path):
+  """A model predicting 0 scores E[eps^2] = 1 on visible pixels and nothing else (UMD's
+  branch would average it with the images' mean square, about 0.7)."""
+  from big_vision.evaluators import diffusion_loss
+  ctx, params = make_context(data_dir, str(tmp_path), "variant=Mu/4,method=maskdm")
+  params = dict(params, head=jax.tree_util.tree_map(jnp.zeros_like, params["head"]))
+  val = dict(diffusion_loss.Evaluator(ctx, split="test[:64]", batch_size=32).run(params, 0))
+  assert val["loss"] == pytest.approx(1.0, abs=0.05)
 
 
 def test_reconstruction_evaluator_png_and_psnr(data_dir, tmp_path):

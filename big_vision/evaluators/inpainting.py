@@ -102,11 +102,12 @@ class Evaluator:
       denom = jnp.sum(pixel_mask, axis=(1, 2, 3)) * images.shape[-1]
       mse = lambda x: jnp.sum(jnp.square(x - images) * pixel_mask, axis=(1, 2, 3)) / denom
       out = dict(masked=jnp.where(pixel_mask > 0, 0.0, images), inpainted=full, mse=mse(full))
-      if self.onestep:  # DiffMAE's: from pure noise at the last step.
+      if self.onestep:  # DiffMAE's from the last step (as reconstruct.reconstruct's).
         t_model, noised = jnp.zeros((b,), jnp.int32), {}
         if diffmae:
-          t_model = jnp.full((b,), diffusion.num_timesteps, jnp.int32)
-          noised = dict(noised=jax.random.normal(key_mask, images.shape))
+          t_last = jnp.full((b,), diffusion.num_timesteps - 1, jnp.int32)
+          noise = jax.random.normal(jax.random.fold_in(key_inpaint, 1), images.shape)
+          t_model, noised = t_last + 1, dict(noised=diffusion.q_sample(images, t_last, noise))
         onestep = model.apply({"params": params}, images, t_model, masking=m,
                               **noised)["x0"]
         out["onestep"] = pixel_mask * jnp.clip(onestep, -1, 1) + (1 - pixel_mask) * images

@@ -235,18 +235,31 @@ def analytic_flops_per_image(config):
   n, cls = model.num_patches, model.num_cls_tokens
   patch_in = model.patch_size ** 2 * model.channels
 
-  def blocks(tokens, width, mlp_dim, depth):
-    per_token = 3 * width * width + width * width + 2 * width * mlp_dim  # qkv, proj, mlp.
-    attention = 2 * tokens * tokens * width  # q.k^T and p.v
+  def blocks(tokens, width, mlp_dim, depth, context=0, self_attention=True):
+    """Blocks over `tokens` tokens; with a context, cross-attending to that many."""
+    per_token = 2 * width * mlp_dim  # The MLP.
+    attention = 0
+    if self_attention:
+      per_token += 4 * width * width  # qkv, proj.
+      attention += 2 * tokens * tokens * width  # q.k^T and p.v
+    if context:
+      per_token += 2 * width * width  # q, proj; kv below, per context token.
+      attention += 2 * tokens * context * width + 2 * context * width * width
     return 2 * depth * (tokens * per_token + attention)
 
   def forward(mask_ratio):
     kept = masking.num_kept(n, mask_ratio)
     enc = blocks(kept + cls, d, model.mlp_dim, model.depth)
-    dec = blocks(n + cls, dd, model.decoder_mlp_dim or 4 * dd, model.decoder_depth)
+    decoded = n  # Tokens the head predicts.
+    if model.decoder_attention == "joint":
+      dec = blocks(n + cls, dd, model.decoder_mlp_dim or 4 * dd, model.decoder_depth)
+    else:  # DiffMAE's cross decoders: the masked queries attend to the visible features.
+      decoded = n - kept
+      dec = blocks(decoded, dd, model.decoder_mlp_dim or 4 * dd, model.decoder_depth,
+                   context=kept + cls, self_attention=model.decoder_attention == "cross_self")
     # Patch embedding (of every patch, before the visible ones are picked), decoder
     # embedding, head, and the time MLP (256 sinusoid features -> width -> width).
-    other = 2 * (n * patch_in * d + (kept + cls) * d * dd + n * dd * 2 * patch_in
+    other = 2 * (n * patch_in * d + (kept + cls) * d * dd + decoded * dd * 2 * patch_in
                  + 256 * d + d * d)
     if model.decoder_queries == "noised_patches":  # DiffMAE: queries, the encoder's t = 0.
       other += 2 * (n * patch_in * dd + 256 * d + d * d)

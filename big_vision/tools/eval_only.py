@@ -37,7 +37,10 @@ from big_vision.evaluators import common as eval_common
 from big_vision.models import ae
 
 # Config fields that define the trained function; the rest (evals, data, pp, ...) may differ.
-RUN_FIELDS = ("mask_ratio", "mask_ratio_no_noise", "no_noise_prob", "model", "diffusion")
+RUN_FIELDS = ("mask_ratio", "mask_ratio_no_noise", "no_noise_prob", "noised_x0_loss", "model",
+              "diffusion")
+# Values of RUN_FIELDS that a config.json from before them lacks: what those runs did.
+OLDER_RUNS = {"noised_x0_loss": True}
 # Inside those: other ways to compute the same function, training-only and sampler settings.
 MAY_DIFFER = ("model.remat_policy", "model.attention", "model.flat_dense", "model.dtype_mm",
               "model.dtype_activations",
@@ -65,7 +68,7 @@ def _flat(config):
   plain = json.loads(config.to_json_best_effort())
   flat = {}
   for field in RUN_FIELDS:
-    value = plain.get(field, _UNSET)
+    value = plain.get(field, OLDER_RUNS.get(field, _UNSET))
     if isinstance(value, dict):
       flat.update((f"{field}.{k}", v) for k, v in value.items())
     else:
