@@ -1,7 +1,7 @@
 """The generic masked-diffusion auto-encoder (a ViT encoder/decoder with t conditioning).
 
-One module expresses MAE, UMD, DiT, MaskDiT and MaskDM; the trainer decides what goes in
-(clean or noised images, which mask ratio, which t) and what is scored:
+One module expresses MAE, UMD, DiT, MaskDiT, MaskDM and DiffMAE; the trainer decides what
+goes in (clean or noised images, which mask ratio, which t) and what is scored:
 
   images [B,H,W,C] --patchify+embed+posemb--> tokens --keep visible--> (+ cls tokens)
   --> encoder blocks --> linear to decoder width --> mask tokens at masked positions
@@ -14,9 +14,9 @@ token, or (`decoder_queries="noised_patches"`, DiffMAE) the embedding of each ma
 of a noised image: then the encoder sees the clean visible patches (condition t = 0), and
 only the decoder is conditioned on the noise level t. Its decoder attends jointly to the
 visible features and the queries, or (`decoder_attention="cross_self"`, `"cross"`) the
-queries alone go through it, cross-attending to the visible features. MaskDM's block masking is an option
-here (`masking="block"`, `mask_block_size`), its loss on visible patches one of the
-objective's (`noised_x0_loss=False`).
+queries alone go through it, cross-attending to the visible features. MaskDM's block
+masking is an option here (`masking="block"`, `mask_block_size`), its loss on visible
+patches one of the objective's (`noised_x0_loss=False`).
 """
 import re
 from typing import Any, Optional, Sequence
