@@ -311,6 +311,20 @@ def test_scorer_cache_key_follows_data_dir(tmp_path, monkeypatch):
   monkeypatch.delenv("TFDS_DATA_DIR")
   assert key(None)["data_dir"] == os.path.expanduser("~/tensorflow_datasets")
   assert key("gs://bucket/tfds/")["data_dir"] == "gs://bucket/tfds"
+  assert "builder" not in key(a)
+
+
+def test_scorer_cache_key_follows_builder_arguments(tmp_path):
+  """An image folder prepared again from another source folder in the same data_dir:
+  its statistics are not the old ones."""
+  from big_vision.evaluators import fid_scorer
+  weights = _fmnist_weights(str(tmp_path / "net.npz"))
+  key = lambda source: fid_scorer.Scorer(
+      _one_device_context(), dict(kind="fmnist_classifier", weights=weights),
+      dict(data=dict(name="image_folder_local", split="train", data_dir=str(tmp_path),
+                     source_dir=source), pp="x"), cache_dir=str(tmp_path)).cache_key()
+  assert key("/images/a")["builder"] == "source_dir=/images/a"
+  assert fid_math.cache_path("c", key("/images/a")) != fid_math.cache_path("c", key("/b"))
 
 
 _TWO_HOSTS = """

@@ -89,10 +89,14 @@ class Scorer:
     """Fields that identify the reference statistics (see fid_math.cache_path)."""
     h, w = self.context.model.image_size
     data = self.reference_cfg["data"]
-    return dict(dataset=data["name"], data_dir=data_dir_key(data.get("data_dir")),
-                split=data["split"], resolution=f"{h}x{w}",
-                network=self.net.name, weights=weights_digest(self.net.weights),
-                pp=self.reference_cfg["pp"], max_images=str(self.max_reference))
+    key = dict(dataset=data["name"], data_dir=data_dir_key(data.get("data_dir")),
+               split=data["split"], resolution=f"{h}x{w}",
+               network=self.net.name, weights=weights_digest(self.net.weights),
+               pp=self.reference_cfg["pp"], max_images=str(self.max_reference))
+    builder = input_pipeline.builder_kwargs(data)  # E.g. an image folder's source_dir.
+    if builder:
+      key["builder"] = ",".join(f"{k}={v}" for k, v in sorted(builder.items()))
+    return key
 
   def reference_statistics(self):
     """(mu, sigma) of the reference split's features, accumulated batch by batch."""
