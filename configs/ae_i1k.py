@@ -5,7 +5,8 @@ Self-supervised pre-training, 800 epochs, B/4 (100-shot linear probe every 10k s
   python -m big_vision.train --config configs/ae_i1k.py:method=umd,variant=B/4,size=64 --workdir DIR
   ... :method=mae,batch_size=4096      ... :method=dit      ... :method=maskdit
   ... :method=maskdm   (blocks of 4x4 patches, 75% masked, eps loss on visible patches)
-  ... :method=diffmae  (DiffMAE's light decoder, e.g. B: 384 wide, 8 deep; no samples)
+  ... :method=diffmae  (DiffMAE's light decoder, e.g. B: 384 wide, 8 deep; inpainting
+                        FID/IS instead of samples)
   ... :variant=B/4,no_noise_prob=0.0,mask_ratio=0.5        (explicit options override the preset)
 Class-conditional fine-tuning of a pre-trained checkpoint (50 epochs, EMA, CFG):
   ... :variant=B/4,finetune=True,init_from=PRETRAIN_WORKDIR
@@ -105,7 +106,8 @@ def get_config(arg=None):
 def evals(config, arg):
   """The UMD paper's auto-evaluation: 100-shot probe every 10k steps (shots from the
   first 300k training images), validation loss and reconstructions, and for
-  label-conditioned runs FID/IS of 10k samples (125 DDIM steps, guidance 1, 2 and 4)."""
+  label-conditioned runs FID/IS of 10k samples (125 DDIM steps, guidance 1, 2 and 4);
+  for DiffMAE, FID of 10k validation images with their masked patches inpainted."""
   result = mlc.ConfigDict()
   # The probe draws 20 held-out images (ridge strength) + 100 shots from every class.
   # Classes hold 732-1300 training images: the first 300k give the smallest ~170, while
@@ -118,6 +120,12 @@ def evals(config, arg):
     result.val = dict(type="diffusion_loss", every_steps=25_000, max_examples=10_000)
   if methods.learnt_mask_ratio(config) > 0:
     result.reconstruction = dict(type="reconstruction", every_steps=25_000)
+  if methods.is_diffmae(config):  # Its generative use: completing masked images.
+    result.inpainting = dict(
+        type="inpainting", every_steps=25_000, mask_ratio=config.mask_ratio,
+        max_examples=10_000, batch_size=250, reference_split="validation",
+        max_reference=50_000,
+        feature_net=dict(kind="inception", weights=os.path.expanduser(arg.inception_weights)))
   if methods.samples_from_noise(config) and arg.use_labels:
     result.samples = dict(
         type="sampling", every_steps=25_000, num_samples=10_000, batch_size=250,

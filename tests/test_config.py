@@ -79,6 +79,8 @@ def test_method_semantics():
   assert (diffmae.no_noise_prob, diffmae.mask_ratio) == (0.0, 0.75)
   assert (diffmae.model.decoder_width, diffmae.model.decoder_depth) == (384, 8)
   assert diffmae.evals.fewshot.features == "representation" and "samples" not in diffmae.evals
+  assert diffmae.evals.inpainting.mask_ratio == 0.75
+  assert diffmae.evals.inpainting.feature_net.kind == "inception"
   fmnist_diffmae = ae_fmnist.get_config("method=diffmae")
   assert "samples" not in fmnist_diffmae.evals and "inpainting" in fmnist_diffmae.evals
   assert "reconstruction" in fmnist_diffmae.evals
