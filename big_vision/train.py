@@ -366,6 +366,10 @@ def main(argv, config):
   except FileNotFoundError as e:  # Missing dataset, weights or init_from checkpoint.
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  # Several processes leave the distributed runtime together (a barrier; nothing with
+  # one): else process 0's coordination service can go while the others still tear
+  # down, and they abort or hang at exit.
+  jax.distributed.shutdown()
 
 
 def run():

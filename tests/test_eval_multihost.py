@@ -28,6 +28,7 @@ SCRIPT = textwrap.dedent("""
     s = sum(float(total(b["x"], b[input_pipeline.MASK_KEY].astype(np.float32)))
             for b in common.iterate(ctx, cfg))
     print("RESULT", sorted(everything.tolist()), len(limited), s, flush=True)
+    jax.distributed.shutdown()
 """)
 
 
@@ -73,6 +74,7 @@ CACHE_SCRIPT = textwrap.dedent("""
                                np.zeros(128), np.eye(128))
     mu, sigma = scorer.reference()
     print("RESULT", float(np.abs(mu).sum()) > 0, flush=True)
+    jax.distributed.shutdown()
 """)
 
 
