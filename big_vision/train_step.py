@@ -73,7 +73,7 @@ def make_update(config, model, diffusion, tx, lr_fn, rng, batch_size, num_device
       grid=model.grid, patch_size=model.patch_size,
       mask_block_size=model.block_mask_size,
       noised_x0_loss=config.get("noised_x0_loss", True),
-      noised_queries=model.decoder_queries == "noised_patches",
+      noised_queries=model.noised_queries,
       label_dropout=config.get("label_dropout", 0.1) if labels_on else 0.0,
       null_label=model.num_classes, one_call=config.get("one_model_call", True))
   accum = config.get("grad_accum_steps", 1)

@@ -200,7 +200,7 @@ class _PerfectDiffMAE:
   """Stands for a DiffMAE model: x0 is the clean images (the encoder's input, which a real
   model sees only at visible patches) when it is asked as trained: noised queries that
   are not the clean images, t + 1 in [1, T]. Otherwise, or at visible pixels, off by 10."""
-  decoder_queries, num_classes, block_mask_size = "noised_patches", 0, None
+  noised_queries, num_classes, block_mask_size = True, 0, None
   grid, patch_size, num_timesteps = (7, 7), 4, 1000
 
   def apply(self, variables, images, t, labels=None, *, mask_ratio=0.0, masking=None,

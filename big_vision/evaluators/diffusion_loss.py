@@ -42,7 +42,7 @@ class Evaluator:
     clean_loss = functools.partial(objective.clean_branch_loss, grid=model.grid,
                                    patch_size=model.patch_size,
                                    any_masked=cfg.mask_ratio_no_noise > 0)
-    diffmae = model.decoder_queries == "noised_patches"
+    diffmae = model.noised_queries
     if diffmae:  # The masked patches it denoises: their x0.
       noised_loss = lambda out, images, noise: objective.clean_branch_loss(
           out, images, model.grid, model.patch_size)

@@ -72,7 +72,7 @@ class Evaluator:
     cfg = context.config
     self.context, self.max_examples, self.num_images = context, max_examples, num_images
     self.onestep = methods.learnt_mask_ratio(cfg) > 0
-    diffmae = model.decoder_queries == "noised_patches"
+    diffmae = model.noised_queries
     # The default (64) rounded up to the devices, as sampling's; a batch_size given must
     # divide over them.
     self.input_cfg = common.eval_input_config(

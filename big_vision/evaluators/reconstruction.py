@@ -44,7 +44,7 @@ class Evaluator:
       r = reconstruct.reconstruct(apply, params, images, key, mask_ratio=self.mask_ratio,
                                   grid=model.grid, patch_size=model.patch_size,
                                   diffusion=context.diffusion,
-                                  noised_queries=model.decoder_queries == "noised_patches")
+                                  noised_queries=model.noised_queries)
       err = jnp.sum(jnp.square(r["prediction"] - images) * r["mask"], axis=(1, 2, 3))
       per_image = err / (jnp.sum(r["mask"], axis=(1, 2, 3)) * images.shape[-1])
       return r, jnp.sum(per_image * valid), jnp.sum(

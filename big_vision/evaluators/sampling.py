@@ -36,7 +36,7 @@ class Evaluator:
                cache_dir=None, data=None, pp=None, num_grid=64, seed=0):
     if sampler not in SAMPLERS:
       raise ValueError(f"sampling: unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
-    if context.model.decoder_queries == "noised_patches":
+    if context.model.noised_queries:
       raise ValueError("sampling: a DiffMAE model (decoder_queries='noised_patches') "
                        "generates masked patches given visible ones, not whole images from "
                        "noise; evaluate it with the inpainting eval")

@@ -339,6 +339,11 @@ class Model(nn.Module):
     return self.grid[0] * self.grid[1]
 
   @property
+  def noised_queries(self):
+    """DiffMAE: the decoder denoises noised masked patches given clean visible ones."""
+    return self.decoder_queries == "noised_patches"
+
+  @property
   def block_mask_size(self):
     """The side of the blocks of patches masked whole (masking="block"), else None."""
     return self.mask_block_size if self.masking == "block" else None
@@ -367,7 +372,7 @@ class Model(nn.Module):
     self.encoder = Stack(self.depth, self.mlp_dim, self.num_heads, **stack)
     self.encoder_norm = norm.LayerNorm()
     self.decoder_embed = dense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
-    if self.decoder_queries == "noised_patches":
+    if self.noised_queries:
       self.query_embedding = dense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
     else:
       self.mask_token = self.param("mask_token", nn.initializers.normal(0.02),
@@ -418,7 +423,7 @@ class Model(nn.Module):
     """Decoder inputs at masked positions [B, N - K, decoder_width]: MAE's learned mask
     token, or DiffMAE's embedded patches of the noised images there."""
     b, k, d = visible.shape
-    if self.decoder_queries == "noised_patches":
+    if self.noised_queries:
       queries = self.query_embedding(patchify(noised, self.patch_size))
       return masking_lib.gather_tokens(queries, masking_lib.masked_ids(masking)).astype(
           visible.dtype)
@@ -484,7 +489,7 @@ class Model(nn.Module):
       raise ValueError(f"maskings cover {sum(sizes)} images (groups of {sizes}); the batch "
                        f"has {b}")
     cond = encoder_cond = self.condition(t, labels)
-    if self.decoder_queries == "noised_patches":
+    if self.noised_queries:
       if noised is None and not self.is_initializing():  # Never the clean masked patches.
         raise ValueError("decoder_queries='noised_patches' (DiffMAE) needs noised= (the "
                          "images noised at t, whose masked patches the decoder denoises)")

@@ -261,7 +261,7 @@ def analytic_flops_per_image(config):
     # embedding, head, and the time MLP (256 sinusoid features -> width -> width).
     other = 2 * (n * patch_in * d + (kept + cls) * d * dd + decoded * dd * 2 * patch_in
                  + 256 * d + d * d)
-    if model.decoder_queries == "noised_patches":  # DiffMAE: queries, the encoder's t = 0.
+    if model.noised_queries:  # DiffMAE: queries, the encoder's t = 0.
       other += 2 * (n * patch_in * dd + 256 * d + d * d)
     return enc + dec + other + condition_flops_per_image(model)
 
@@ -539,7 +539,7 @@ def _measure(out, config, steps, sample_count, input_batches, evals, compare, sa
     out["train_variants"] = compare_variants(compiled_step, config, steps, log)
   model, diffusion = compiled_step.model, compiled_step.diffusion
   params = compiled_step.state["params"]
-  if sampling and model.decoder_queries == "noised_patches":
+  if sampling and model.noised_queries:
     out["sampling"] = "skipped: DiffMAE generates masked patches given visible ones only"
     log(f"sampling: {out['sampling']}")
   elif sampling:
