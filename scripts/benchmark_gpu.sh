@@ -10,7 +10,7 @@
 # epilogue fusion), notriton (cudnn_bf16, cuBLAS for every matmul), b512, b1024 and
 # b512_cublaslt (batch 512 or 1024 on the one GPU; 1024 needs more than 80 GB),
 # elementwise, b512_elementwise and b1024_elementwise (cudnn_bf16 with remat=elementwise:
-# GELU and LayerNorm + modulation recomputed in the backward pass), nn_dense
+# GELU's output, fc2's input, recomputed in the backward pass), nn_dense
 # (cudnn_bf16 with nn.Dense's 3-D dots instead of TokenDense's flat matmuls), compare
 # (the --compare table: straightforward objective, nn.Dense, scan, remat, each timed in
 # turns with the config's step). Default: the first four; table prints only the table.

@@ -30,6 +30,7 @@ from big_vision.config_parsing import ConfigError
 from big_vision.config_parsing import check_int
 from big_vision.config_parsing import is_int
 from big_vision.models import conditioning
+from big_vision.models import gelu
 from big_vision.models import masking as masking_lib
 from big_vision.models import norm
 
@@ -192,31 +193,32 @@ class CrossAttention(nn.Module):
         out.reshape(b, n, d))
 
 
-def _gelu(x):
-  return nn.gelu(x, approximate=True)
-
-
 class Mlp(nn.Module):
   mlp_dim: int
   dtype: Any = jnp.float32
   flat_dense: bool = True
-  recompute_gelu: bool = False  # In the backward pass, from fc1's output (see Block).
+  # GELU's backward pass keeps only fc1's output (gelu.py). fc2's keeps its input, the
+  # GELU's output, unless recompute_gelu: then it recomputes it from fc1's output.
+  recompute_gelu: bool = False
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     dense = dense_module(self.flat_dense)
     x = dense(self.mlp_dim, kernel_init=_dense_init, dtype=self.dtype, name="fc1")(x)
-    x = (jax.checkpoint(_gelu) if self.recompute_gelu else _gelu)(x)
-    return dense(d, kernel_init=_dense_init, dtype=self.dtype, name="fc2")(x)
+    fc2 = dense(d, kernel_init=_dense_init, dtype=self.dtype, name="fc2")
+    if self.recompute_gelu:  # fc2's matmul is not recomputed: its backward needs no output.
+      return nn.checkpoint(lambda module, h: module(gelu.gelu(h)))(fc2, x)
+    return fc2(gelu.gelu(x))
 
 
 class Block(nn.Module):
   """Pre-LN transformer block; with `adaln`, DiT's AdaLN-Zero modulation by `cond`.
 
   The LayerNorms keep only their input and per-token statistics for the backward pass
-  (norm.py). `recompute_elementwise` (remat_policy="elementwise"): the backward pass
-  also recomputes the GELU from fc1's output rather than keep its intermediates.
+  (norm.py), the GELU only its input (gelu.py). `recompute_elementwise`
+  (remat_policy="elementwise"): the backward pass also recomputes the GELU's output
+  (fc2's input) from fc1's output rather than keep it.
   Whole-block remat saves more and recomputes the matmuls too.
 
   `layout` (DiffMAE's decoders): "self" attention over the tokens; "cross_self", self-
