@@ -3,7 +3,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from big_vision.models import ae
 from big_vision.models import gelu
 from tests import test_models
 
@@ -78,16 +77,8 @@ def test_backward_keeps_only_x():
 
 def test_model_loss_and_gradients_match_autodiff(monkeypatch):
   """The whole model gives the loss and gradients it gives with jax.nn.gelu's autodiff."""
-  model = ae.build_model(dict(variant="Mu/4", image_size=16, decoder_depth=1))
-  x, t = test_models._images(), jnp.array([0, 50, 999])
-  params = test_models._perturbed(jax.jit(model.init)(test_models.RNGS, x, t)["params"])
-
-  def loss_and_grads():  # Traced anew, with whichever gelu is in gelu.py.
-    return test_models._masked_loss_and_grads(model, params, x, t)
-
-  got_loss, got = loss_and_grads()
-  monkeypatch.setattr(gelu, "gelu", _reference)
-  want_loss, want = loss_and_grads()
+  (got_loss, got), (want_loss, want) = test_models.loss_and_grads_as_written_and_with(
+      monkeypatch, gelu, "gelu", _reference)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
   jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7),
                          got, want)

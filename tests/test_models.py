@@ -223,6 +223,18 @@ def _residual_bytes(model, params, x, t):
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(residuals))
 
 
+def loss_and_grads_as_written_and_with(monkeypatch, module, name, replacement):
+  """A Mu/4 model's masked loss and gradients ((loss, grads) pairs): as written, then with
+  module.name replaced (e.g. a hand-written backward pass by autodiff's), traced anew."""
+  model = ae.build_model(dict(variant="Mu/4", image_size=16, decoder_depth=1))
+  x, t = _images(), jnp.array([0, 50, 999])
+  params = _perturbed(jax.jit(model.init)(RNGS, x, t)["params"])
+  loss_and_grads = jax.jit(lambda p: _masked_loss_and_grads(model, p, x, t))
+  as_written = loss_and_grads(params)
+  monkeypatch.setattr(module, name, replacement)
+  return as_written, jax.jit(lambda p: _masked_loss_and_grads(model, p, x, t))(params)
+
+
 def _cost(jitted, *args):
   """XLA's FLOP count of a jitted function's compiled program."""
   cost = jitted.lower(*args).compile().cost_analysis()

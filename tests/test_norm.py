@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from big_vision.models import ae
 from big_vision.models import norm
 from tests import test_models
 
@@ -112,19 +111,8 @@ def test_layer_norm_module_is_flax_layer_norm(dtype):
 def test_model_loss_and_gradients_match_autodiff(monkeypatch):
   """The whole UMD-style model (AdaLN blocks and the final norm) gives the loss and
   gradients it gives with autodiff of flax's LayerNorm in their place."""
-  model = ae.build_model(dict(variant="Mu/4", image_size=16, decoder_depth=1))
-  x, t = test_models._images(), jnp.array([0, 50, 999])
-  rngs = test_models.RNGS
-  params = test_models._perturbed(jax.jit(model.init)(rngs, x, t)["params"])
-
-  def loss_and_grads():  # Traced anew, with whichever layer_norm_modulate is in norm.py.
-    loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, mask_ratio=0.5, rngs=rngs)["eps"]
-                              ** 2)
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-  got_loss, got = loss_and_grads()
-  monkeypatch.setattr(norm, "layer_norm_modulate", _reference)
-  want_loss, want = loss_and_grads()
+  (got_loss, got), (want_loss, want) = test_models.loss_and_grads_as_written_and_with(
+      monkeypatch, norm, "layer_norm_modulate", _reference)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-6),
                          got, want)
