@@ -229,10 +229,14 @@ def loss_and_grads_as_written_and_with(monkeypatch, module, name, replacement):
   model = ae.build_model(dict(variant="Mu/4", image_size=16, decoder_depth=1))
   x, t = _images(), jnp.array([0, 50, 999])
   params = _perturbed(jax.jit(model.init)(RNGS, x, t)["params"])
-  loss_and_grads = jax.jit(lambda p: _masked_loss_and_grads(model, p, x, t))
-  as_written = loss_and_grads(params)
-  monkeypatch.setattr(module, name, replacement)
-  return as_written, jax.jit(lambda p: _masked_loss_and_grads(model, p, x, t))(params)
+  # A new function each time: jit traces it anew, with whatever module.name is then.
+  run = lambda: jax.jit(lambda p: _masked_loss_and_grads(model, p, x, t))(params)
+  as_written = run()
+  calls = []
+  monkeypatch.setattr(module, name, lambda *a: calls.append(1) or replacement(*a))
+  replaced = run()
+  assert calls, f"the model never called {module.__name__}.{name}"
+  return as_written, replaced
 
 
 def _cost(jitted, *args):
