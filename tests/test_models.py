@@ -330,6 +330,45 @@ def test_bfloat16_residual_stream_close_to_float32():
   assert 0 < np.abs(a - b).max() < 0.05 * np.abs(a).max() + 1e-3
 
 
+def test_xla_attention_keeps_only_the_probabilities():
+  """The attention core's backward pass keeps one [B, heads, T, S] float32 array (the
+  softmax's output), where jax's default softmax derivative keeps two; the same values
+  and gradients."""
+  b, t, s, heads, dim = 2, 5, 7, 3, 8
+  q, k, v = (jax.random.normal(key, (b, length, heads, dim)) for key, length in
+             zip(jax.random.split(jax.random.PRNGKey(0), 3), (t, s, s)))
+  weights = jax.random.normal(jax.random.PRNGKey(1), (b, t, heads, dim))
+
+  def reference(q, k, v, implementation):
+    with jax.softmax_custom_jvp(False):  # jax's default (0.10): autodiff of exp / sum.
+      return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+  def loss_and_grads(fn):
+    loss = lambda *qkv: jnp.sum(jnp.sin(fn(*qkv, "xla")) * weights)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  def kept(fn):  # The backward pass's arrays of the attention matrix's size.
+    backward = jax.eval_shape(lambda *qkv: jax.vjp(lambda *a: fn(*a, "xla"), *qkv)[1], q, k, v)
+    return [l.dtype for l in jax.tree_util.tree_leaves(backward) if l.size == b * heads * t * s]
+
+  (got_loss, got), (want_loss, want) = (loss_and_grads(f) for f in (ae.attention_core,
+                                                                     reference))
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  assert kept(ae.attention_core) == [jnp.float32]
+  assert kept(reference) == [jnp.float32] * 2
+
+
+def test_model_loss_and_gradients_match_default_softmax_derivative(monkeypatch):
+  (got_loss, got), (want_loss, want) = loss_and_grads_as_written_and_with(
+      monkeypatch, ae, "attention_core", lambda q, k, v, implementation:
+      jax.nn.dot_product_attention(q, k, v, implementation=implementation))
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7),
+                         got, want)
+
+
 @pytest.mark.skipif(ae.cudnn_attention_available(), reason="this GPU runs cuDNN's attention")
 def test_attention_auto_is_xla_off_gpu():
   """On a CPU 'auto' must pick XLA's attention and compute exactly what 'xla' computes."""

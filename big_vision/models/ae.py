@@ -145,6 +145,20 @@ def attention_implementation(attention, dtype):
   return attention
 
 
+def attention_core(q, k, v, implementation):
+  """jax.nn.dot_product_attention ([B, T, heads, head_dim] each), whose softmax keeps only
+  its output for the backward pass.
+
+  JAX's default softmax derivative (until it flips `jax_softmax_custom_jvp`) also keeps
+  the exponentials: one more float32 [B, heads, T, S] array per attention layer with XLA's
+  attention (float32 matmuls). With the custom JVP: the same values and gradients to
+  float rounding, UMD-S/4's step on a 2-core CPU 2–3.5% faster with 5% less memory
+  (docs/BENCHMARKS.md). cuDNN's attention has its own backward pass.
+  """
+  with jax.softmax_custom_jvp(True):
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
 def dense_module(flat_dense):
   """TokenDense (one flat matmul), or nn.Dense as written (a 3-D dot) for comparison."""
   return TokenDense if flat_dense else nn.Dense
@@ -164,9 +178,8 @@ class Attention(nn.Module):
     dense = dense_module(self.flat_dense)
     qkv = dense(3 * d, kernel_init=_dense_init, dtype=self.dtype, name="qkv")(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
-    out = jax.nn.dot_product_attention(
-        q[:, :, 0], k[:, :, 0], v[:, :, 0],
-        implementation=attention_implementation(self.attention, self.dtype))
+    out = attention_core(q[:, :, 0], k[:, :, 0], v[:, :, 0],
+                         attention_implementation(self.attention, self.dtype))
     return dense(d, kernel_init=_dense_init, dtype=self.dtype, name="proj")(
         out.reshape(b, n, d))
 
@@ -186,9 +199,8 @@ class CrossAttention(nn.Module):
     q = dense(d, kernel_init=_dense_init, dtype=self.dtype, name="q")(x)
     kv = dense(2 * d, kernel_init=_dense_init, dtype=self.dtype, name="kv")(context)
     k, v = jnp.split(kv, 2, axis=-1)
-    out = jax.nn.dot_product_attention(
-        heads(q, n), heads(k, m), heads(v, m),
-        implementation=attention_implementation(self.attention, self.dtype))
+    out = attention_core(heads(q, n), heads(k, m), heads(v, m),
+                         attention_implementation(self.attention, self.dtype))
     return dense(d, kernel_init=_dense_init, dtype=self.dtype, name="proj")(
         out.reshape(b, n, d))
 
