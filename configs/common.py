@@ -28,6 +28,7 @@ COMMON_OPTIONS = dict(
     dtype_activations="float32",  # bfloat16: the residual stream too (accelerators).
     attention="xla",   # auto: cuDNN's fused attention on a GPU with bf16 matmuls.
     flat_dense=True,   # Token Dense layers as one flat matmul (False: nn.Dense's 3-D dot).
+    autodiff_backward=False,  # True: JAX's autodiff for GELU, LayerNorm, softmax (to compare).
     decoder_queries=ae.Model.decoder_queries,  # mask_token, or noised_patches (DiffMAE).
     decoder_attention=ae.Model.decoder_attention,  # joint; DiffMAE's cross_self or cross.
     fsdp=False,
@@ -82,6 +83,7 @@ def model(arg, image_size, channels, num_classes, decoder_rule):
       dtype_activations=arg.dtype_activations,
       attention=arg.attention,
       flat_dense=arg.flat_dense,
+      autodiff_backward=arg.autodiff_backward,
       decoder_queries=arg.decoder_queries,
       decoder_attention=arg.decoder_attention,
   ))

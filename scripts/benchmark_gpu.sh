@@ -10,7 +10,9 @@
 # epilogue fusion), notriton (cudnn_bf16, cuBLAS for every matmul), b512, b1024 and
 # b512_cublaslt (batch 512 or 1024 on the one GPU; 1024 needs more than 80 GB),
 # elementwise, b512_elementwise and b1024_elementwise (cudnn_bf16 with remat=elementwise:
-# GELU's output, fc2's input, recomputed in the backward pass), nn_dense
+# GELU's output, fc2's input, recomputed in the backward pass), autodiff (cudnn_bf16 with
+# JAX's autodiff for GELU's, the LayerNorms' and the softmax's backward passes, as before
+# the hand-written ones: compare with cudnn_bf16), nn_dense
 # (cudnn_bf16 with nn.Dense's 3-D dots instead of TokenDense's flat matmuls), compare
 # (the --compare table: straightforward objective, nn.Dense, scan, remat, each timed in
 # turns with the config's step). Default: the first four; table prints only the table.
@@ -76,6 +78,8 @@ for v in "${variants[@]}"; do
     b1024_elementwise) bench b1024_elementwise \
         ",attention=cudnn,dtype_activations=bfloat16,remat=elementwise,batch_size=1024" \
         --sampling=false ;;
+    autodiff) bench autodiff ",attention=cudnn,dtype_activations=bfloat16,autodiff_backward=True" \
+        --sampling=false ;;
     nn_dense) bench nn_dense ",attention=cudnn,dtype_activations=bfloat16,flat_dense=False" \
         --sampling=false ;;
     compare) bench compare ",attention=${COMPARE_ATTENTION:-cudnn},dtype_activations=${COMPARE_ACTIVATIONS:-bfloat16}" \
@@ -83,7 +87,7 @@ for v in "${variants[@]}"; do
     table) ;;  # Only the table of what OUT_DIR holds.
     *) echo "unknown variant $v; known: xla cudnn cudnn_bf16 xla_bf16 profile cublaslt" \
          "notriton b512 b1024 b512_cublaslt elementwise b512_elementwise" \
-         "b1024_elementwise nn_dense compare table" >&2; exit 2 ;;
+         "b1024_elementwise autodiff nn_dense compare table" >&2; exit 2 ;;
   esac
 done
 

@@ -215,10 +215,11 @@ def test_scan_and_remat_match_unrolled(kw):
                              rtol=1e-4, atol=1e-7)
 
 
-def _residual_bytes(model, params, x, t):
+def _residual_bytes(model, params, x, t, **queries):
   """Bytes the backward pass of the model's loss keeps from its forward pass (traced only:
   the leaves of jax.vjp's backward function are those residuals)."""
-  loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, mask_ratio=0.5, rngs=RNGS)["eps"])
+  loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, mask_ratio=0.5, rngs=RNGS,
+                                        **queries)["eps"])
   residuals = jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params)
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(residuals))
 
@@ -269,6 +270,24 @@ def test_elementwise_remat_matches_plain_and_keeps_less(adaln):
   assert kept - kept_remat == 4 * mlp_outputs, (kept, kept_remat, 4 * mlp_outputs)
   flops = lambda m: _cost(jax.jit(lambda p: _masked_loss_and_grads(m, p, x, t)), params)
   assert flops(remat) == flops(plain)
+
+
+@pytest.mark.parametrize("kw", [dict(adaln=True), dict(
+    adaln=False, decoder_queries="noised_patches", decoder_attention="cross_self")])
+def test_autodiff_backward_is_the_same_function_keeping_more(kw):
+  """autodiff_backward=True (to compare): JAX's autodiff for GELU, the LayerNorms and the
+  softmax gives the same loss and gradients, and keeps more for the backward pass."""
+  kw = dict(variant="Mu/4", image_size=16, **kw)
+  ours, autodiff = ae.build_model(kw), ae.build_model(dict(kw, autodiff_backward=True))
+  x, t = _images(), jnp.array([0, 10, 999])
+  params = _perturbed(ours.init(RNGS, x, t, mask_ratio=0.5)["params"])
+  (l1, g1), (l2, g2) = (_masked_loss_and_grads(m, params, x, t) for m in (ours, autodiff))
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                         g1, g2)
+  queries = dict(noised=-x) if ours.noised_queries else {}
+  kept = [_residual_bytes(m, params, x, t, **queries) for m in (ours, autodiff)]
+  assert kept[0] < 0.8 * kept[1], kept
 
 
 def test_token_dense_is_dense():
@@ -362,7 +381,7 @@ def test_xla_attention_keeps_only_the_probabilities():
 
 def test_model_loss_and_gradients_match_default_softmax_derivative(monkeypatch):
   (got_loss, got), (want_loss, want) = loss_and_grads_as_written_and_with(
-      monkeypatch, ae, "attention_core", lambda q, k, v, implementation:
+      monkeypatch, ae, "attention_core", lambda q, k, v, implementation, autodiff:
       jax.nn.dot_product_attention(q, k, v, implementation=implementation))
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
   jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7),

@@ -145,7 +145,7 @@ def attention_implementation(attention, dtype):
   return attention
 
 
-def attention_core(q, k, v, implementation):
+def attention_core(q, k, v, implementation, autodiff=False):
   """jax.nn.dot_product_attention ([B, T, heads, head_dim] each), whose softmax keeps only
   its output for the backward pass.
 
@@ -153,9 +153,10 @@ def attention_core(q, k, v, implementation):
   the exponentials: one more float32 [B, heads, T, S] array per attention layer with XLA's
   attention (float32 matmuls). With the custom JVP: the same values and gradients to
   float rounding, UMD-S/4's step on a 2-core CPU 2–3.5% faster with 5% less memory
-  (docs/BENCHMARKS.md). cuDNN's attention has its own backward pass.
+  (docs/BENCHMARKS.md). cuDNN's attention has its own backward pass. autodiff: JAX's
+  default derivative (the model option autodiff_backward, kept to compare).
   """
-  with jax.softmax_custom_jvp(True):
+  with jax.softmax_custom_jvp(not autodiff):
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
@@ -169,6 +170,7 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "xla"  # See ATTENTION_IMPLEMENTATIONS.
   flat_dense: bool = True
+  autodiff_backward: bool = False  # See Model.
 
   @nn.compact
   def __call__(self, x):
@@ -179,7 +181,8 @@ class Attention(nn.Module):
     qkv = dense(3 * d, kernel_init=_dense_init, dtype=self.dtype, name="qkv")(x)
     q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 3, axis=2)
     out = attention_core(q[:, :, 0], k[:, :, 0], v[:, :, 0],
-                         attention_implementation(self.attention, self.dtype))
+                         attention_implementation(self.attention, self.dtype),
+                         self.autodiff_backward)
     return dense(d, kernel_init=_dense_init, dtype=self.dtype, name="proj")(
         out.reshape(b, n, d))
 
@@ -190,6 +193,7 @@ class CrossAttention(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "xla"
   flat_dense: bool = True
+  autodiff_backward: bool = False
 
   @nn.compact
   def __call__(self, x, context):
@@ -200,7 +204,8 @@ class CrossAttention(nn.Module):
     kv = dense(2 * d, kernel_init=_dense_init, dtype=self.dtype, name="kv")(context)
     k, v = jnp.split(kv, 2, axis=-1)
     out = attention_core(heads(q, n), heads(k, m), heads(v, m),
-                         attention_implementation(self.attention, self.dtype))
+                         attention_implementation(self.attention, self.dtype),
+                         self.autodiff_backward)
     return dense(d, kernel_init=_dense_init, dtype=self.dtype, name="proj")(
         out.reshape(b, n, d))
 
@@ -212,16 +217,18 @@ class Mlp(nn.Module):
   # GELU's backward pass keeps only fc1's output (gelu.py). fc2's keeps its input, the
   # GELU's output, unless recompute_gelu: then it recomputes it from fc1's output.
   recompute_gelu: bool = False
+  autodiff_backward: bool = False
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     dense = dense_module(self.flat_dense)
+    act = gelu.gelu_autodiff if self.autodiff_backward else gelu.gelu
     x = dense(self.mlp_dim, kernel_init=_dense_init, dtype=self.dtype, name="fc1")(x)
     fc2 = dense(d, kernel_init=_dense_init, dtype=self.dtype, name="fc2")
     if self.recompute_gelu:  # fc2's matmul is not recomputed: its backward needs no output.
-      return nn.checkpoint(lambda module, h: module(gelu.gelu(h)))(fc2, x)
-    return fc2(gelu.gelu(x))
+      return nn.checkpoint(lambda module, h: module(act(h)))(fc2, x)
+    return fc2(act(x))
 
 
 class Block(nn.Module):
@@ -246,29 +253,33 @@ class Block(nn.Module):
   flat_dense: bool = True
   recompute_elementwise: bool = False
   layout: str = "self"
+  autodiff_backward: bool = False  # See Model.
 
   @nn.compact
   def __call__(self, x, cond, context=None):
     d = x.shape[-1]
-    attn = Attention(self.num_heads, self.dtype, self.attention, self.flat_dense, name="attn")
+    autodiff = self.autodiff_backward
+    attn = Attention(self.num_heads, self.dtype, self.attention, self.flat_dense, autodiff,
+                     name="attn")
     mlp = Mlp(self.mlp_dim, self.dtype, self.flat_dense, self.recompute_elementwise,
-              name="mlp")
+              autodiff, name="mlp")
+    layer_norm = lambda name: norm.LayerNorm(self.act_dtype, autodiff, name=name)
     if self.layout != "self":  # Additive conditioning only (checked by _resolve).
       if self.layout == "cross_self":
-        x = x + attn(norm.LayerNorm(self.act_dtype, name="norm1")(x))
+        x = x + attn(layer_norm("norm1")(x))
       cross = CrossAttention(self.num_heads, self.dtype, self.attention, self.flat_dense,
-                             name="cross_attn")
-      x = x + cross(norm.LayerNorm(self.act_dtype, name="cross_norm")(x), context)
-      x = x + mlp(norm.LayerNorm(self.act_dtype, name="norm2")(x))
+                             autodiff, name="cross_attn")
+      x = x + cross(layer_norm("cross_norm")(x), context)
+      x = x + mlp(layer_norm("norm2")(x))
     elif self.adaln:
       mod = nn.Dense(6 * d, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                      name="adaln_modulation")(nn.silu(cond))
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
-      x = x + gate1 * attn(norm.NormModulate(name="norm1")(x, shift1, scale1))
-      x = x + gate2 * mlp(norm.NormModulate(name="norm2")(x, shift2, scale2))
+      x = x + gate1 * attn(norm.NormModulate(autodiff, name="norm1")(x, shift1, scale1))
+      x = x + gate2 * mlp(norm.NormModulate(autodiff, name="norm2")(x, shift2, scale2))
     else:
-      x = x + attn(norm.LayerNorm(self.act_dtype, name="norm1")(x))
-      x = x + mlp(norm.LayerNorm(self.act_dtype, name="norm2")(x))
+      x = x + attn(layer_norm("norm1")(x))
+      x = x + mlp(layer_norm("norm2")(x))
     return x.astype(self.act_dtype), None
 
 
@@ -285,6 +296,7 @@ class Stack(nn.Module):
   act_dtype: Any = jnp.float32
   flat_dense: bool = True
   layout: str = "self"  # See Block.
+  autodiff_backward: bool = False  # See Model.
 
   @nn.compact
   def __call__(self, x, cond, context=None):
@@ -296,7 +308,8 @@ class Stack(nn.Module):
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, adaln=self.adaln,
               dtype=self.dtype, attention=self.attention, act_dtype=self.act_dtype,
               flat_dense=self.flat_dense,
-              recompute_elementwise=self.remat_policy == "elementwise", layout=self.layout)
+              recompute_elementwise=self.remat_policy == "elementwise", layout=self.layout,
+              autodiff_backward=self.autodiff_backward)
     if self.scan:
       scanned = nn.scan(block, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},
@@ -343,6 +356,10 @@ class Model(nn.Module):
   # "cross_self" / "cross": the queries alone, attending to the visible features (see
   # Block), which predict the masked patches only.
   decoder_attention: str = "joint"
+  # JAX's autodiff for the backward passes of GELU, the LayerNorms and the softmax, in
+  # place of gelu.py's, norm.py's and attention_core's: the same function, more memory
+  # and memory traffic (kept to compare, as flat_dense).
+  autodiff_backward: bool = False
 
   @property
   def grid(self):
@@ -366,7 +383,7 @@ class Model(nn.Module):
     dtype = MATMUL_DTYPES[self.dtype_mm]
     stack = dict(adaln=self.adaln, scan=self.scan, remat_policy=self.remat_policy, dtype=dtype,
                  attention=self.attention, act_dtype=MATMUL_DTYPES[self.dtype_activations],
-                 flat_dense=self.flat_dense)
+                 flat_dense=self.flat_dense, autodiff_backward=self.autodiff_backward)
     dense = dense_module(self.flat_dense)
     self.patch_embedding = dense(self.width, kernel_init=_dense_init, dtype=dtype)
     if self.posemb == "learn":
@@ -384,7 +401,7 @@ class Model(nn.Module):
     if self.num_classes:
       self.y_embedder = conditioning.LabelEmbedder(self.num_classes, self.width)
     self.encoder = Stack(self.depth, self.mlp_dim, self.num_heads, **stack)
-    self.encoder_norm = norm.LayerNorm()
+    self.encoder_norm = norm.LayerNorm(autodiff=self.autodiff_backward)
     self.decoder_embed = dense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
     if self.noised_queries:
       self.query_embedding = dense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
@@ -393,12 +410,12 @@ class Model(nn.Module):
                                    (1, 1, self.decoder_width))
     if not self.adaln:
       self.decoder_cond = nn.Dense(self.decoder_width, kernel_init=_dense_init)
-      self.decoder_norm = norm.LayerNorm()
+      self.decoder_norm = norm.LayerNorm(autodiff=self.autodiff_backward)
     layout = "self" if self.decoder_attention == "joint" else self.decoder_attention
     self.decoder = Stack(self.decoder_depth, self.decoder_mlp_dim or 4 * self.decoder_width,
                          self.num_heads, layout=layout, **stack)
     if self.adaln:
-      self.final_norm = norm.NormModulate()
+      self.final_norm = norm.NormModulate(self.autodiff_backward)
       self.final_modulation = nn.Dense(2 * self.decoder_width,
                                        kernel_init=nn.initializers.zeros)
     self.head = dense(self.patch_size ** 2 * 2 * self.channels,
@@ -555,7 +572,8 @@ DECODER_ATTENTION = ("joint", "cross_self", "cross")
 
 MODEL_OPTIONS = ("variant", "image_size", "channels", "num_cls_tokens", "adaln", "num_classes",
                  "posemb", "masking", "mask_block_size", "scan", "remat_policy", "dtype_mm",
-                 "dtype_activations", "attention", "flat_dense", "decoder_width",
+                 "dtype_activations", "attention", "flat_dense", "autodiff_backward",
+                 "decoder_width",
                  "decoder_depth", "decoder_mlp_dim", "decoder_queries", "decoder_attention")
 
 
@@ -598,7 +616,8 @@ def _resolve(model_config):
   if kw.get("attention", "xla") not in ATTENTION_IMPLEMENTATIONS:
     raise ConfigError(f"unknown attention {kw['attention']!r}; known: "
                       f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
-  for key in ("adaln", "scan", "flat_dense"):  # A string like 'False' would count as True.
+  # A string like 'False' would count as True.
+  for key in ("adaln", "scan", "flat_dense", "autodiff_backward"):
     if not isinstance(kw.get(key, True), bool):
       raise ConfigError(f"{key} must be True or False, not {kw[key]!r}")
   if kw.get("posemb", "sincos2d") not in ("sincos2d", "learn"):

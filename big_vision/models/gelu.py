@@ -19,7 +19,7 @@ _CUBIC = 0.044715  # gelu(x) = x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 @jax.custom_vjp
 def gelu(x):
   """jax.nn.gelu(x, approximate=True), whose backward pass keeps only x."""
-  return jax.nn.gelu(x, approximate=True)
+  return gelu_autodiff(x)
 
 
 def derivative(x):
@@ -39,3 +39,8 @@ def _backward(x, dy):
 
 
 gelu.defvjp(_forward, _backward)
+
+
+def gelu_autodiff(x):
+  """The same function with JAX's autodiff (the model option autodiff_backward)."""
+  return jax.nn.gelu(x, approximate=True)

@@ -71,24 +71,36 @@ def _backward(epsilon, residuals, dy):
 layer_norm_modulate.defvjp(_forward, _backward)
 
 
+def layer_norm_modulate_autodiff(x, shift, scale, epsilon=EPSILON):
+  """layer_norm_modulate's function with JAX's autodiff for its backward pass (the model
+  option autodiff_backward, kept to compare)."""
+  return _forward(x, shift, scale, epsilon)[0]
+
+
+def _layer_norm_modulate(autodiff):
+  return layer_norm_modulate_autodiff if autodiff else layer_norm_modulate
+
+
 class NormModulate(nn.Module):
   """AdaLN: LayerNorm without parameters, then the condition's shift and scale.
 
   A module only to name its ops (norm1, norm2) in profiles.
   """
+  autodiff: bool = False  # JAX's autodiff for the backward pass (to compare).
 
   @nn.compact
   def __call__(self, x, shift, scale):
-    return layer_norm_modulate(x, shift, scale)
+    return _layer_norm_modulate(self.autodiff)(x, shift, scale)
 
 
 class LayerNorm(nn.Module):
   """flax.linen.LayerNorm (its parameters, `scale` and `bias`), with this backward pass."""
   dtype: Optional[Any] = None  # Of the output; None: x's and the parameters' promoted.
+  autodiff: bool = False  # JAX's autodiff for the backward pass (to compare).
 
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
     bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-    y = layer_norm_modulate(x, bias, scale - 1)
+    y = _layer_norm_modulate(self.autodiff)(x, bias, scale - 1)
     return y if self.dtype is None else y.astype(self.dtype)

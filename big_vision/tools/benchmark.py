@@ -165,6 +165,7 @@ def compile_only(config):
 VARIANTS = (
     ("straightforward objective (a model call per branch)", {"one_model_call": False}),
     ("nn.Dense as written (a 3-D dot per token Dense)", {"model.flat_dense": False}),
+    ("autodiff of GELU, LayerNorm and softmax", {"model.autodiff_backward": True}),
     ("straightforward objective + nn.Dense", {"one_model_call": False,
                                              "model.flat_dense": False}),
     ("scan", {"model.scan": True}),
