@@ -51,9 +51,13 @@ def clean_branch_loss(out, images, grid, patch_size, any_masked=True):
   return _masked_mse(out["x0"], images, masking_lib.mask_to_pixels(out["mask"], grid, patch_size))
 
 
-def noised_branch_loss(out, images, noise, grid, patch_size, any_masked=True, x0_loss=True):
+def noised_branch_loss(out, images, noise, grid, patch_size, any_masked=True, x0_loss=True,
+                       noised_queries=False):
   """Mean of eps error on visible pixels and x0 error on masked pixels; without x0_loss
-  (MaskDM), the eps error on visible pixels alone."""
+  (MaskDM), the eps error on visible pixels alone; with noised_queries (DiffMAE), the x0
+  error on the masked pixels it denoises."""
+  if noised_queries:
+    return clean_branch_loss(out, images, grid, patch_size)
   if not any_masked:
     return _masked_mse(out["eps"], noise, jnp.ones(images.shape[:-1] + (1,)))
   masked = masking_lib.mask_to_pixels(out["mask"], grid, patch_size)
@@ -61,6 +65,13 @@ def noised_branch_loss(out, images, noise, grid, patch_size, any_masked=True, x0
     return _masked_mse(out["eps"], noise, 1.0 - masked)
   return 0.5 * (_masked_mse(out["eps"], noise, 1.0 - masked)
                 + _masked_mse(out["x0"], images, masked))
+
+
+def model_inputs(clean, noised, noised_queries):
+  """(images, keyword arguments) for a model call on images noised at t: the noised
+  images; for DiffMAE (noised_queries) the clean ones, its encoder's input, and the
+  noised ones as its decoder's queries (noised=)."""
+  return (clean, dict(noised=noised)) if noised_queries else (noised, {})
 
 
 def drop_labels(labels, keys, rate, null_label):
@@ -105,7 +116,7 @@ def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_no
   masks = lambda sl, ratio: masking_lib.per_example(key_mask[sl], grid, ratio,
                                                     mask_block_size)
   # The model's inputs, branch by branch: clean images first, then noised ones.
-  inputs, steps, maskings, noise, noised = [], [], [], None, None
+  inputs, steps, maskings, noise, queries = [], [], [], None, {}
   if n_clean:
     inputs.append(images[:n_clean])
     steps.append(jnp.zeros((n_clean,), jnp.int32))
@@ -115,12 +126,11 @@ def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_no
     t = jax.vmap(lambda k: jax.random.randint(k, (), 0, diffusion.num_timesteps))(
         key_t[n_clean:])
     noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], x0.dtype))(key_eps[n_clean:])
-    noised = diffusion.q_sample(x0, t, noise)
-    inputs.append(x0 if noised_queries else noised)
+    x, queries = model_inputs(x0, diffusion.q_sample(x0, t, noise), noised_queries)
+    inputs.append(x)  # Only the noised branch has queries: DiffMAE has no clean one.
     steps.append(t + 1)
     maskings.append(masks(slice(n_clean, b), mask_ratio))
   cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
-  queries = dict(noised=noised) if noised_queries else {}  # Only a noised branch here.
   if one_call:
     out = apply_fn(params, cat(inputs), cat(steps), labels, masking=tuple(maskings),
                    **queries)
@@ -139,13 +149,9 @@ def umd_loss(apply_fn, params, images, labels, example_keys, diffusion, *, no_no
     metrics["loss_clean"] = clean
     loss = loss + clean * (n_clean / b)
   if n_noised:
-    if noised_queries:  # DiffMAE: the masked patches' x0.
-      noised_loss = clean_branch_loss(branch(slice(n_clean, b)), images[n_clean:], grid,
-                                      patch_size)
-    else:
-      noised_loss = noised_branch_loss(branch(slice(n_clean, b)), images[n_clean:], noise,
-                                       grid, patch_size, any_masked=mask_ratio > 0,
-                                       x0_loss=noised_x0_loss)
+    noised_loss = noised_branch_loss(branch(slice(n_clean, b)), images[n_clean:], noise,
+                                     grid, patch_size, any_masked=mask_ratio > 0,
+                                     x0_loss=noised_x0_loss, noised_queries=noised_queries)
     metrics["loss_noised"] = noised_loss
     loss = loss + noised_loss * (n_noised / b)
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from big_vision import config_parsing
+from big_vision import objective
 from big_vision.models import masking as masking_lib
 
 
@@ -47,12 +48,9 @@ def reconstruct(apply_fn, params, images, rng, *, mask_ratio, grid, patch_size, 
     t_arr = jnp.full((b,), t, jnp.int32)
     x_in = diffusion.q_sample(images, t_arr, jax.random.normal(rng_noise, images.shape))
     t_model = t_arr + 1  # The network keeps t = 0 for clean inputs.
-  rngs = {"mask": rng_mask, "dropout": rng_mask}
-  if noised_queries:
-    out = apply_fn(params, images, t_model, labels, mask_ratio=mask_ratio, noised=x_in,
-                   rngs=rngs)
-  else:
-    out = apply_fn(params, x_in, t_model, labels, mask_ratio=mask_ratio, rngs=rngs)
+  x, queries = objective.model_inputs(images, x_in, noised_queries)
+  out = apply_fn(params, x, t_model, labels, mask_ratio=mask_ratio,
+                 rngs={"mask": rng_mask, "dropout": rng_mask}, **queries)
   mask = masking_lib.mask_to_pixels(out["mask"], grid, patch_size)
   x0 = out["x0"]
   if noised_queries:  # The visible patches are known.

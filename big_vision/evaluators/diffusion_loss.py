@@ -42,14 +42,10 @@ class Evaluator:
     clean_loss = functools.partial(objective.clean_branch_loss, grid=model.grid,
                                    patch_size=model.patch_size,
                                    any_masked=cfg.mask_ratio_no_noise > 0)
-    diffmae = model.noised_queries
-    if diffmae:  # The masked patches it denoises: their x0.
-      noised_loss = lambda out, images, noise: objective.clean_branch_loss(
-          out, images, model.grid, model.patch_size)
-    else:
-      noised_loss = functools.partial(
-          objective.noised_branch_loss, grid=model.grid, patch_size=model.patch_size,
-          any_masked=cfg.mask_ratio > 0, x0_loss=cfg.get("noised_x0_loss", True))
+    noised_loss = functools.partial(
+        objective.noised_branch_loss, grid=model.grid, patch_size=model.patch_size,
+        any_masked=cfg.mask_ratio > 0, x0_loss=cfg.get("noised_x0_loss", True),
+        noised_queries=model.noised_queries)
 
     def per_image(loss_fn, out, *arrays):
       """The branch loss of every image on its own (padding is weighted out later)."""
@@ -60,13 +56,10 @@ class Evaluator:
       k_t, k_eps, k_mask = jax.random.split(key, 3)
       t = jax.random.randint(k_t, images.shape[:1], lo, hi)
       noise = jax.random.normal(k_eps, images.shape)
-      x_t = diffusion.q_sample(images, t, noise)
-      rngs = {"mask": k_mask, "dropout": k_mask}
-      if diffmae:
-        out = apply(params, images, t + 1, labels, mask_ratio=cfg.mask_ratio, noised=x_t,
-                    rngs=rngs)
-      else:
-        out = apply(params, x_t, t + 1, labels, mask_ratio=cfg.mask_ratio, rngs=rngs)
+      x, queries = objective.model_inputs(images, diffusion.q_sample(images, t, noise),
+                                          model.noised_queries)
+      out = apply(params, x, t + 1, labels, mask_ratio=cfg.mask_ratio,
+                  rngs={"mask": k_mask, "dropout": k_mask}, **queries)
       return per_image(noised_loss, out, images, noise)
 
     def objective_terms(params, images, labels, keys):
