@@ -115,18 +115,18 @@ class Scorer:
 
   def scores(self, images):
     s = self.net.metric_suffix
-    nan = float("nan")
+    not_scored = {f"fid{s}": float("nan"), f"is{s}": float("nan"), f"is{s}_std": float("nan")}
     images = np.asarray(images)
     bad = int(np.sum(~np.isfinite(images).reshape(len(images), -1).all(1)))
     if bad:
       _warn(f"{bad} of {len(images)} images to score have NaN or infinite pixels (a diverged "
             f"model?): fid{s} and is{s} are NaN")
-      return {f"fid{s}": nan, f"is{s}": nan, f"is{s}_std": nan}
+      return not_scored
     feats, probs = self.net(images)
     if not fid_math.all_finite(feats, probs):
       _warn(f"the {self.net.name} network's features of the images to score are not finite "
             f"(weights {self.net.weights} broken?): fid{s} and is{s} are NaN")
-      return {f"fid{s}": nan, f"is{s}": nan, f"is{s}_std": nan}
+      return not_scored
     mu, sigma = fid_math.feature_statistics(feats)
     is_mean, is_std = fid_math.inception_score(probs)
     ref = self.reference()
