@@ -109,10 +109,15 @@ def module_of(op_name):
   return f"{direction} {'/'.join(modules[:4]) or 'model'}"
 
 
+def _device_planes(profile_data):
+  """The trace's accelerator planes (none in a CPU run's trace)."""
+  return [p for p in profile_data.planes if p.name.startswith("/device:")]
+
+
 def _op_events(profile_data):
   """(name, duration_ns, stats) of every XLA op in the trace."""
   planes = list(profile_data.planes)
-  device = [p for p in planes if p.name.startswith("/device:")]
+  device = _device_planes(profile_data)
   events = []
   if device:
     for plane in device:
@@ -138,11 +143,21 @@ def _op_events(profile_data):
   return result
 
 
+# Measured on a 2-core CPU (docs/BENCHMARKS.md, eleventh session): an Eigen x.T @ dy of
+# 15.3 ms wall time had 1.8 ms of op events; a YNNPACK matmul's events cover its time.
+CPU_NOTE = ("summed op time. On a CPU, ops on the two threads overlap, so the sum can "
+            "exceed the step's wall time, and Eigen's dots (XLA:CPU's weight gradients) "
+            "show a fraction of their time: their work runs in thread-pool tasks that the "
+            "trace does not attribute to them. Where the wall time goes is measured by "
+            "timing the step with a part removed.")
+
+
 def summarise(profile_data, num_steps, top=25, origins=None):
   """Per-step milliseconds by category, of the `top` most expensive ops and, given
   `origins` ({HLO instruction: JAX op_name}, see origins_from_hlo), by model module
   (every module, costliest first)."""
   origins = origins or {}
+  on_cpu = not _device_planes(profile_data)
   by_category = collections.Counter()
   by_op = collections.Counter()
   by_module = collections.defaultdict(collections.Counter)
@@ -167,8 +182,7 @@ def summarise(profile_data, num_steps, top=25, origins=None):
   total = sum(by_category.values())
   summary = dict(
       op_ms_per_step=per_step(total),
-      note="summed op time; on a CPU ops of the two threads overlap, so it can exceed "
-           "the step's wall time",
+      note=CPU_NOTE if on_cpu else "summed op time",
       by_category_ms={c: per_step(ns) for c, ns in by_category.most_common()},
       top_ops=[dict(category=c, op=op, ms_per_step=per_step(ns), jax_op=origin[(c, op)])
                for (c, op), ns in by_op.most_common(top)])
@@ -202,6 +216,8 @@ def format_summary(summary, top_modules=15):
     return [f"profile: {summary['error']}"]
   lines = [f"profile: {summary['op_ms_per_step']:.1f} ms of op time per step: " + ", ".join(
       f"{c} {ms:.1f}" for c, ms in summary["by_category_ms"].items())]
+  if summary.get("note") == CPU_NOTE:
+    lines.append(f"  note: {CPU_NOTE}")
   for op in summary["top_ops"]:
     lines.append(f"  {op['ms_per_step']:8.2f} ms  {op['category']:<11} {op['op']:<40} "
                  f"{op['jax_op'][-90:]}")

@@ -72,6 +72,8 @@ def test_profile_by_module():
   assert total == pytest.approx(summary["op_ms_per_step"])  # Every op somewhere.
   lines = profile.format_summary(summary)
   assert "profile by module (op time per step):" in lines
+  # A CPU trace says that its op times overlap and miss Eigen's dots.
+  assert summary["note"] == profile.CPU_NOTE and f"  note: {profile.CPU_NOTE}" in lines
 
 
 @pytest.mark.parametrize("name,category", [
