@@ -55,11 +55,13 @@ def test_run_reports_every_figure(tmp_path):
           # Two of --compare's variants: each one is a compilation (the test above checks
           # the others' overrides; test_models and test_objective their results).
           "benchmark.VARIANTS = benchmark.VARIANTS[:1] + benchmark.VARIANTS[-1:]\n"
+          # One of --ablate's parts (the test below checks that each changes the step).
+          "benchmark.ABLATIONS = benchmark.ABLATIONS[:1]\n"
           "config = ae_fmnist.get_config('variant=Mu/4,batch_size=16,evals=False,"
           "sampling_timesteps=3')\n"
           "benchmark.run(config, steps=2, sample_count=4, input_batches=3, evals=False,\n"
           "              compare=True, profile_steps=1, log=lambda l: print('LOG', l),\n"
-          f"              out_path={str(path)!r})\n")
+          f"              out_path={str(path)!r}, ablate=True)\n")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, env=_ENV, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -87,6 +89,14 @@ def test_run_reports_every_figure(tmp_path):
     assert variant["time_cost_vs_config"] == pytest.approx(statistics.median(
         t / b for t, b in zip(variant["step_times_s"], variant["config_step_times_s"])) - 1)
   assert any(line.startswith("train:") and "of" in line for line in lines)
+  # --ablate: the attention core's wall time, from the same rounds as its stand-in's step.
+  part = out["train_ablations"][benchmark.ABLATIONS[0][0]]
+  assert len(part["step_times_s"]) == len(part["config_step_times_s"]) == 2
+  assert part["step_time_saved_s"] == pytest.approx(statistics.median(
+      b - t for b, t in zip(part["config_step_times_s"], part["step_times_s"])))
+  assert part["share_of_step"] == pytest.approx(
+      part["step_time_saved_s"] / statistics.median(part["config_step_times_s"]))
+  assert any(line.strip().startswith(benchmark.ABLATIONS[0][0]) for line in lines)
   # The profile: device time by category, the matmuls among it, and the costliest ops.
   prof = train["profile"]
   assert prof["by_category_ms"]["matmul"] > 0 and prof["top_ops"]
@@ -94,6 +104,30 @@ def test_run_reports_every_figure(tmp_path):
   assert prof["by_module_ms"]["forward encoder/block_*/mlp/fc1"]["matmul"] > 0
   assert prof["by_module_ms"]["backward encoder/block_*/mlp/fc1"]["matmul"] > 0
   assert any(line.startswith("profile:") for line in lines)
+
+
+def test_each_ablation_changes_the_step_and_is_undone():
+  """--ablate's stand-ins reach the traced step (its program differs from the config's,
+  and by the part replaced), and the model's functions are restored after each."""
+  config = ae_fmnist.get_config("variant=Mu/4,batch_size=8,evals=False")
+
+  def step_text():
+    _, _, update, state, batch = benchmark._setup(config)  # pylint: disable=protected-access
+    return update.lower(state, batch).as_text()
+
+  base = step_text()
+  for name, module, attribute, stand_in in benchmark.ABLATIONS:
+    original = getattr(module, attribute)
+    with benchmark._replaced(module, attribute, stand_in):  # pylint: disable=protected-access
+      text = step_text()
+    assert getattr(module, attribute) is original, name
+    # Fewer of the op the part computes with: the softmax's exponentials, GELU's tanh,
+    # the LayerNorms' 1/std, AdamW's square roots (the time embedding and the gradient
+    # norm keep some of theirs).
+    op = next(o for part, o in (("attention", "exponential"), ("GELU", "tanh"),
+                                 ("LayerNorm", "rsqrt"), ("AdamW", "sqrt")) if part in name)
+    count = lambda t: t.count(f"stablehlo.{op} ")
+    assert count(text) < count(base), (name, count(text), count(base))
 
 
 # A subprocess prelude: importing TensorFlow, TFDS or wandb fails, as on a bare GPU box.

@@ -20,9 +20,14 @@ sample count (when the feature network's weights exist).
                  (a model call per branch), nn.Dense's 3-D dots, both, scan, remat,
                  scan + remat; prints each one's img/s and its step time relative to
                  the config's (median over rounds).
+  --ablate       also times the step with one part at a time replaced by a cheap stand-in
+                 (ABLATIONS: the attention core, GELU, the LayerNorms' statistics,
+                 AdamW), in turns with the config's step, and prints the wall time each
+                 part takes: on a CPU the profile cannot say this (profile.CPU_NOTE).
   --compile_only compiles the step and reports XLA's memory analysis without running it:
                  an estimate of device memory for a device this machine does not have.
 """
+import contextlib
 import copy
 import json
 import re
@@ -35,6 +40,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import optax
 
 from big_vision import config_cli
 from big_vision import diffusion as diffusion_lib
@@ -46,7 +52,9 @@ from big_vision import profile
 from big_vision import sharding
 from big_vision import train_step
 from big_vision.models import ae
+from big_vision.models import gelu
 from big_vision.models import masking
+from big_vision.models import norm
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks from NVIDIA's data sheets, FLOP/s, keyed by
 # the words of jax's device_kind that name the model ("NVIDIA H100 PCIe" -> H100 PCIE). The
@@ -188,17 +196,16 @@ def _override(config, overrides):
   return variant
 
 
-def compare_variants(config_step, config, steps, log=print):
-  """Each variant in VARIANTS timed against the config's own step, in turns.
+def _time_in_turns(config_step, variants, steps):
+  """Times CompiledSteps {name: step} in turns with config_step; returns the config's step
+  times and {name: step times}, one of each per round.
 
   Every round runs two steps of the config and then two of each variant, and times the
-  second of each pair: a shared machine's speed drifts within seconds, so a variant's cost
-  is the median over rounds of its step time over the config's step time in the same
-  round. The untimed first step of a turn takes the switch between programs (a CPU step
-  that follows a smaller one page-faults its buffers in again: +25% on the S/4 step).
+  second of each pair: a shared machine's speed drifts within seconds, so a variant is
+  compared with the config's step of the same round. The untimed first step of a turn
+  takes the switch between programs (a CPU step that follows a smaller one page-faults
+  its buffers in again: +25% on the S/4 step).
   """
-  variants = {name: CompiledStep(_override(config, overrides))
-              for name, overrides in VARIANTS}
   base, times = [], {name: [] for name in variants}
 
   def timed_turn(step):
@@ -209,6 +216,16 @@ def compare_variants(config_step, config, steps, log=print):
     base.append(timed_turn(config_step))
     for name, step in variants.items():
       times[name].append(timed_turn(step))
+  return base, times
+
+
+def compare_variants(config_step, config, steps, log=print):
+  """Each variant in VARIANTS timed against the config's own step, in turns
+  (_time_in_turns); its cost is the median over rounds of its step time over the
+  config's."""
+  variants = {name: CompiledStep(_override(config, overrides))
+              for name, overrides in VARIANTS}
+  base, times = _time_in_turns(config_step, variants, steps)
   result = {}
   for name, step in variants.items():
     cost = statistics.median(t / b for t, b in zip(times[name], base)) - 1
@@ -315,6 +332,64 @@ def flops_per_image(config):
   plain = _override(config, _PLAIN)
   _, _, update, state, batch = _setup(plain)
   return _xla_flops_per_image(update.lower(state, batch), config.input.batch_size)
+
+
+def _attention_stand_in(q, k, v, implementation, autodiff=False):
+  del implementation, autodiff
+  return (q + k + v) / 3  # One elementwise pass; q, k and v still get gradients.
+
+
+def _layer_norm_stand_in(x, shift, scale, epsilon=norm.EPSILON):
+  del epsilon
+  return x * (1 + scale) + shift
+
+
+def _sgd(config, params, total_steps, warmup_steps):
+  del config, params, total_steps, warmup_steps
+  return optax.sgd(1e-3), optax.constant_schedule(1e-3)
+
+
+# The parts --ablate replaces, one at a time: (name, module, attribute, stand-in). The
+# stand-ins are cheap and not the same function: the difference in step time is the part's
+# wall time (on the default path: autodiff_backward=True keeps the LayerNorms and GELU).
+ABLATIONS = (
+    ("attention core (QK^T, softmax, PV), by the mean of q, k and v", ae, "attention_core",
+     _attention_stand_in),
+    ("GELU, by ReLU", gelu, "gelu", jax.nn.relu),
+    ("LayerNorm statistics, by the modulation alone", norm, "layer_norm_modulate",
+     _layer_norm_stand_in),
+    ("AdamW, by SGD", optimizer_lib, "make", _sgd),
+)
+
+
+@contextlib.contextmanager
+def _replaced(module, attribute, value):
+  original = getattr(module, attribute)
+  setattr(module, attribute, value)
+  try:
+    yield
+  finally:
+    setattr(module, attribute, original)
+
+
+def ablate_parts(config_step, config, steps, log=print):
+  """The wall time of each part in ABLATIONS: the step compiled with the part replaced by
+  its stand-in, timed in turns with the config's step (_time_in_turns); the part's time
+  is the median over rounds of the config's step time less the variant's."""
+  variants = {}
+  for name, module, attribute, stand_in in ABLATIONS:
+    with _replaced(module, attribute, stand_in):  # While the step is traced.
+      variants[name] = CompiledStep(config)
+  base, times = _time_in_turns(config_step, variants, steps)
+  step_s = statistics.median(base)
+  result = {}
+  for name, step_times in times.items():
+    saved = statistics.median(b - t for b, t in zip(base, step_times))
+    result[name] = dict(step_time_saved_s=saved, share_of_step=saved / step_s,
+                        step_times_s=step_times, config_step_times_s=base)
+    log(f"  {name}: {saved * 1e3:.0f} ms of the {step_s * 1e3:.0f} ms step "
+        f"({saved / step_s:.1%}; median of {steps} rounds)")
+  return result
 
 
 class CompiledStep:
@@ -439,7 +514,7 @@ def bench_evals(config, model, diffusion, params):
 
 
 def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compare=False,
-        sampling=True, profile_steps=0, log=print, out_path=None):
+        sampling=True, profile_steps=0, log=print, out_path=None, ablate=False):
   """Measures every part; returns the figures, also written as JSON to out_path if given.
 
   The JSON is written even when a part fails (with the error under "error"): what was
@@ -456,7 +531,7 @@ def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compa
              host_allocator=host_allocator.active(), jax_version=jax.__version__)
   try:
     _measure(out, config, steps, sample_count, input_batches, evals, compare, sampling,
-             profile_steps, log)
+             profile_steps, log, ablate)
   except BaseException as e:
     out["error"] = f"{type(e).__name__}: {e}"
     raise
@@ -473,7 +548,7 @@ def write_json(out, path):
 
 
 def _measure(out, config, steps, sample_count, input_batches, evals, compare, sampling,
-             profile_steps, log):
+             profile_steps, log, ablate=False):
   """run's parts, each adding its figures to `out` as soon as it has them."""
   device = jax.devices()[0]
   if out["platform"] == "cpu" and out["host_allocator"] == "glibc":
@@ -538,6 +613,9 @@ def _measure(out, config, steps, sample_count, input_batches, evals, compare, sa
   if compare:
     log("variants of the step:")
     out["train_variants"] = compare_variants(compiled_step, config, steps, log)
+  if ablate:
+    log("where the step's wall time goes (each part replaced by a cheap stand-in):")
+    out["train_ablations"] = ablate_parts(compiled_step, config, steps, log)
   model, diffusion = compiled_step.model, compiled_step.diffusion
   params = compiled_step.state["params"]
   if sampling and model.noised_queries:
@@ -581,7 +659,8 @@ def main(argv, config):
       print(f"wrote {f.out}")
   else:
     run(config, steps=f.steps, sample_count=f.samples, evals=f.evals, compare=f.compare,
-        sampling=f.sampling, profile_steps=f.profile_steps, out_path=f.out)
+        sampling=f.sampling, profile_steps=f.profile_steps, out_path=f.out,
+        ablate=f.ablate)
 
 
 if __name__ == "__main__":
@@ -595,6 +674,8 @@ if __name__ == "__main__":
                        "and print the device time by category and the costliest ops.")
   flags.DEFINE_string("out", None, "Write the figures as JSON here.")
   flags.DEFINE_bool("compare", False, "Also time the straightforward objective, scan and remat.")
+  flags.DEFINE_bool("ablate", False, "Also time the step with the attention core, GELU, "
+                    "the LayerNorms' statistics and AdamW each replaced by a cheap stand-in.")
   flags.DEFINE_bool("compile_only", False, "Only compile the step; report XLA's memory estimate.")
   cfg, rest = config_cli.load_or_exit(sys.argv[1:], check=methods.check_config)
   app.run(lambda argv: main(argv, cfg), argv=[sys.argv[0]] + rest)
