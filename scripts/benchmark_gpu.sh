@@ -15,7 +15,9 @@
 # the hand-written ones: compare with cudnn_bf16), nn_dense
 # (cudnn_bf16 with nn.Dense's 3-D dots instead of TokenDense's flat matmuls), compare
 # (the --compare table: straightforward objective, nn.Dense, scan, remat, each timed in
-# turns with the config's step). Default: the first four; table prints only the table.
+# turns with the config's step), ablate (cudnn_bf16 with --ablate: the wall time of the
+# attention core, GELU, the LayerNorms' statistics and AdamW, each replaced by a cheap
+# stand-in). Default: the first four; table prints only the table.
 # Each writes OUT_DIR/NAME.json and its log to LOG_DIR/NAME.log (default OUT_DIR); a
 # table of all of them is printed last.
 # Synthetic batches: imagenet2012 need not be prepared (the input figure is then skipped).
@@ -84,10 +86,12 @@ for v in "${variants[@]}"; do
         --sampling=false ;;
     compare) bench compare ",attention=${COMPARE_ATTENTION:-cudnn},dtype_activations=${COMPARE_ACTIVATIONS:-bfloat16}" \
         --sampling=false --compare ;;
+    ablate) bench ablate ",attention=cudnn,dtype_activations=bfloat16" --sampling=false \
+        --ablate ;;
     table) ;;  # Only the table of what OUT_DIR holds.
     *) echo "unknown variant $v; known: xla cudnn cudnn_bf16 xla_bf16 profile cublaslt" \
          "notriton b512 b1024 b512_cublaslt elementwise b512_elementwise" \
-         "b1024_elementwise autodiff nn_dense compare table" >&2; exit 2 ;;
+         "b1024_elementwise autodiff nn_dense compare ablate table" >&2; exit 2 ;;
   esac
 done
 
