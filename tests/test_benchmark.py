@@ -106,10 +106,12 @@ def test_run_reports_every_figure(tmp_path):
   assert any(line.startswith("profile:") for line in lines)
 
 
-def test_each_ablation_changes_the_step_and_is_undone():
+@pytest.mark.parametrize("arg", ["", "method=diffmae,decoder_attention=cross,"])
+def test_each_ablation_changes_the_step_and_is_undone(arg):
   """--ablate's stand-ins reach the traced step (its program differs from the config's,
-  and by the part replaced), and the model's functions are restored after each."""
-  config = ae_fmnist.get_config("variant=Mu/4,batch_size=8,evals=False")
+  and by the part replaced), and the model's functions are restored after each; also
+  with DiffMAE's cross-attention, whose queries and keys differ in number."""
+  config = ae_fmnist.get_config(arg + "variant=Mu/4,batch_size=8,evals=False")
 
   def step_text():
     _, _, update, state, batch = benchmark._setup(config)  # pylint: disable=protected-access
