@@ -40,10 +40,16 @@ def is_diffmae(config):
   return config.model.get("decoder_queries", "mask_token") == "noised_patches"
 
 
+def sees_clean_images(config):
+  """Whether the encoder trains on clean images (UMD, MAE, DiffMAE), or only on noised
+  ones (DiT, MaskDiT, MaskDM)."""
+  return config.no_noise_prob > 0 or is_diffmae(config)
+
+
 def probe_features(config):
   """What the few-shot probe reads: the encoder's features of clean images, or of noised
   ones for models whose encoder never sees clean images (DiT, MaskDiT, MaskDM)."""
-  return "representation" if config.no_noise_prob > 0 or is_diffmae(config) else "noised"
+  return "representation" if sees_clean_images(config) else "noised"
 
 
 def samples_from_noise(config):

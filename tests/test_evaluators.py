@@ -249,6 +249,23 @@ def test_reconstruction_evaluator_png_and_psnr(data_dir, tmp_path):
   assert os.path.exists(tmp_path / "images" / "val_reconstruction_0000007.png")
 
 
+def test_reconstruction_of_noised_only_models_starts_from_noised_images(data_dir, tmp_path):
+  """MaskDiT never sees clean images: it reconstructs from images noised at the lightest
+  step it trained on (t = 0), UMD from clean ones; a bad t fails when built."""
+  from big_vision.evaluators import reconstruction
+  for method, auto in (("maskdit", 0), ("umd", None)):
+    ctx, params = make_context(data_dir, str(tmp_path / method), f"variant=Mu/4,method={method}")
+    evaluators = {t: reconstruction.Evaluator(ctx, split="test[:16]", batch_size=16, t=t)
+                  for t in ("auto", 0, None)}
+    mse = {t: dict(ev.run(params, 0))["masked_mse"] for t, ev in evaluators.items()}
+    assert evaluators["auto"].t == auto
+    assert mse["auto"] == mse[auto] != mse[0 if auto is None else None]
+  n = ctx.diffusion.num_timesteps
+  with pytest.raises(ValueError, match=rf"reconstruction t={n} must be 'auto', None .*"
+                                       rf"\[0, {n}\)"):
+    reconstruction.Evaluator(ctx, split="test[:16]", t=n)
+
+
 def test_unknown_eval_type_is_clear(data_dir, tmp_path):
   ctx, _ = make_context(data_dir, str(tmp_path))
   config = ml_collections.ConfigDict(dict(evals=dict(x=dict(type="bleu"))))
