@@ -14,8 +14,8 @@ PSNR is computed on images in [-1, 1] (peak-to-peak 2): 10 log10(4 / MSE).
 import jax
 import jax.numpy as jnp
 
+from big_vision import config_parsing
 from big_vision import input_pipeline
-from big_vision.config_parsing import is_int
 from big_vision import methods
 from big_vision import reconstruct
 from big_vision import visualize
@@ -38,7 +38,7 @@ class Evaluator:
     if t == "auto":  # See the module docstring.
       t = None if methods.sees_clean_images(cfg) else 0
     steps = context.diffusion.num_timesteps
-    if t is not None and not (is_int(t) and 0 <= t < steps):
+    if t is not None and not (config_parsing.is_int(t) and 0 <= t < steps):
       raise ValueError(f"reconstruction t={t!r} must be 'auto', None (clean images) or an "
                        f"int in [0, {steps}) (a 0-based diffusion step)")
     self.t = t
