@@ -46,6 +46,15 @@ def sees_clean_images(config):
   return config.no_noise_prob > 0 or is_diffmae(config)
 
 
+def reconstruction_t(config):
+  """The diffusion step (0-based) a one-step reconstruction of masked images starts from:
+  None (clean images) for models whose encoder trains on clean images, else 0, the
+  lightest noise that they trained on (MaskDiT: clean images it never saw would score
+  something it was not trained to do). DiffMAE's masked patches still start from pure
+  noise (reconstruct.reconstruct)."""
+  return None if sees_clean_images(config) else 0
+
+
 def probe_features(config):
   """What the few-shot probe reads: the encoder's features of clean images, or of noised
   ones for models whose encoder never sees clean images (DiT, MaskDiT, MaskDM)."""

@@ -11,16 +11,19 @@ from big_vision.models import masking as masking_lib
 
 
 def reconstruct(apply_fn, params, images, rng, *, mask_ratio, grid, patch_size, t=None,
-                diffusion=None, labels=None, noised_queries=False):
+                diffusion=None, labels=None, noised_queries=False, masking=None):
   """One-step x0 reconstruction of masked (and optionally noised) images.
 
   Args:
-    apply_fn: (params, images, t, labels, mask_ratio=, rngs=[, noised=]) -> model outputs.
+    apply_fn: (params, images, t, labels, mask_ratio= or masking=, rngs=[, noised=]) ->
+      model outputs.
     images: clean [B, H, W, C] in [-1, 1].
     t: None for clean inputs, else an int diffusion step (0-based) applied to all images.
     noised_queries: a DiffMAE model: the encoder sees the clean visible patches and the
       decoder the masked ones noised at t; with t=None, at the last step (pure noise, the
       one-step reconstruction that MAE's is).
+    masking: a masking.Masking to use (passed as masking=) instead of one drawn at
+      mask_ratio.
   Returns:
     dict(input=what the model saw, masked patches grey (DiffMAE: noised); prediction=x0
          everywhere (the x0 head's on masked pixels; on the visible pixels of noised
@@ -49,8 +52,9 @@ def reconstruct(apply_fn, params, images, rng, *, mask_ratio, grid, patch_size, 
     x_in = diffusion.q_sample(images, t_arr, jax.random.normal(rng_noise, images.shape))
     t_model = t_arr + 1  # The network keeps t = 0 for clean inputs.
   x, queries = objective.model_inputs(images, x_in, noised_queries)
-  out = apply_fn(params, x, t_model, labels, mask_ratio=mask_ratio,
-                 rngs={"mask": rng_mask, "dropout": rng_mask}, **queries)
+  how = dict(mask_ratio=mask_ratio) if masking is None else dict(masking=masking)
+  out = apply_fn(params, x, t_model, labels, rngs={"mask": rng_mask, "dropout": rng_mask},
+                 **how, **queries)
   mask = masking_lib.mask_to_pixels(out["mask"], grid, patch_size)
   x0 = out["x0"]
   if noised_queries:  # The visible patches are known.

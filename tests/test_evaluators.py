@@ -229,6 +229,34 @@ def test_diffmae_evaluators_ask_the_model_as_trained(data_dir, tmp_path):
   assert r["masked_mse"] < 1e-8 and r["onestep_masked_mse"] < 1e-10, r
 
 
+class _NoisedOnlyModel(_PerfectDiffMAE):
+  """Stands for MaskDiT, whose encoder trains on noised images only: x0 is its input when
+  asked as trained (t + 1 >= 1), off by 10 for a clean input at t = 0."""
+  noised_queries = False
+
+  def apply(self, variables, images, t, labels=None, *, mask_ratio=0.0, masking=None,
+            noised=None, rngs=None):
+    del variables, labels, noised
+    x0 = images + 10.0 * (t < 1)[:, None, None, None]
+    if masking is None:  # The sampler's calls have no mask_ratio, nor rngs.
+      masking = (masking_lib.draw(rngs["mask"], images.shape[0], self.grid, mask_ratio)
+                 if mask_ratio else masking_lib.no_masking(images.shape[0], 49))
+    return dict(x0=x0, eps=jnp.zeros_like(images), mask=masking.mask)
+
+
+def test_one_step_inpainting_of_noised_only_models_starts_from_noised_images(data_dir,
+                                                                               tmp_path):
+  """MaskDiT's one-step completion, as its reconstruction, starts from images noised at
+  t = 0 (the model's t = 1), not from clean ones that it never saw."""
+  from big_vision.evaluators import inpainting, reconstruction
+  ctx, _ = make_context(data_dir, str(tmp_path), "variant=Mu/4,method=maskdit")
+  ctx = dataclasses.replace(ctx, model=_NoisedOnlyModel())
+  kw = dict(split="test[:8]", batch_size=8)
+  r = dict(inpainting.Evaluator(ctx, max_examples=8, sampling_timesteps=2, **kw).run(None, 1))
+  assert r["onestep_masked_mse"] < 1e-2, r  # About the noise at t = 0: 1e-4.
+  assert dict(reconstruction.Evaluator(ctx, **kw).run(None, 1))["masked_mse"] < 1e-2
+
+
 def test_maskdm_validation_loss_is_eps_on_visible_pixels(data_dir, tmp_path):
   """A model predicting 0 scores E[eps^2] = 1 on visible pixels and nothing else (UMD's
   branch would average it with the images' mean square, about 0.7)."""

@@ -4,13 +4,16 @@ input at every step (so it always agrees with it), then pasted back at the end. 
 model (decoder_queries="noised_patches") is asked as it was trained: its encoder sees the
 clean visible patches, its decoder the masked ones at each step.
 
-Compared with the one-step x0 prediction from the clean masked input (what MAE gives),
-for models trained to predict masked pixels' x0 (not DiT or MaskDM, whose x0 head nothing
-trains there). Metrics: masked-region MSE and PSNR (images in [-1, 1], PSNR =
-10 log10(4 / MSE)) of both, and FID of the completed images when a feature network is
-given. A PNG grid (images/{eval name}_{step}.png) shows masked input, one-step x0 (where
-it has a meaning), diffusion inpainting and the original. The masks are those the model
-was trained with: whole blocks for a model with masking="block", else random patches.
+Compared with the one-step x0 prediction from the masked input (what MAE gives), for
+models trained to predict masked pixels' x0 (not DiT or MaskDM, whose x0 head nothing
+trains there), from the input the reconstruction eval gives them
+(methods.reconstruction_t): clean images, MaskDiT's noised at t = 0 (it never sees clean
+ones), DiffMAE's masked patches pure noise. Metrics: masked-region MSE and PSNR (images
+in [-1, 1], PSNR = 10 log10(4 / MSE)) of both, and FID of the completed images when a
+feature network is given. A PNG grid (images/{eval name}_{step}.png) shows masked input,
+one-step x0 (where it has a meaning), diffusion inpainting and the original. The masks are
+those the model was trained with: whole blocks for a model with masking="block", else
+random patches.
 """
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,7 @@ from big_vision import diffusion as diffusion_lib
 from big_vision import input_pipeline
 from big_vision import methods
 from big_vision import objective
+from big_vision import reconstruct
 from big_vision import visualize
 from big_vision.evaluators import common
 from big_vision.evaluators import fid_scorer
@@ -88,6 +92,11 @@ class Evaluator:
     steps = int(sampling_timesteps or cfg.diffusion.sampling_timesteps)
     clip = bool(cfg.diffusion.get("clip_x0", True))
 
+    def apply_masked(params, images, t, labels, *, masking, noised=None, rngs=None):
+      del rngs  # Nothing random: the masking is given.
+      return model.apply({"params": params}, images, t, labels, masking=masking,
+                         noised=noised)
+
     def run_batch(params, images, key):
       b = images.shape[0]
       key_mask, key_inpaint = jax.random.split(key)
@@ -102,15 +111,12 @@ class Evaluator:
       denom = jnp.sum(pixel_mask, axis=(1, 2, 3)) * images.shape[-1]
       mse = lambda x: jnp.sum(jnp.square(x - images) * pixel_mask, axis=(1, 2, 3)) / denom
       out = dict(masked=jnp.where(pixel_mask > 0, 0.0, images), inpainted=full, mse=mse(full))
-      if self.onestep:  # DiffMAE's from the last step (as reconstruct.reconstruct's).
-        t_model, noised = jnp.zeros((b,), jnp.int32), {}
-        if diffmae:
-          t_last = jnp.full((b,), diffusion.num_timesteps - 1, jnp.int32)
-          noise = jax.random.normal(jax.random.fold_in(key_inpaint, 1), images.shape)
-          t_model, noised = t_last + 1, dict(noised=diffusion.q_sample(images, t_last, noise))
-        onestep = model.apply({"params": params}, images, t_model, masking=m,
-                              **noised)["x0"]
-        out["onestep"] = pixel_mask * jnp.clip(onestep, -1, 1) + (1 - pixel_mask) * images
+      if self.onestep:  # The reconstruction eval's one step, from the same masks.
+        out["onestep"] = reconstruct.reconstruct(
+            apply_masked, params, images, jax.random.fold_in(key_inpaint, 1),
+            mask_ratio=mask_ratio, grid=model.grid, patch_size=model.patch_size,
+            t=methods.reconstruction_t(cfg), diffusion=diffusion, noised_queries=diffmae,
+            masking=m)["reconstruction"]
         out["onestep_mse"] = mse(out["onestep"])
       return out
     self._run_batch = jax.jit(run_batch)

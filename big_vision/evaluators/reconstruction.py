@@ -36,7 +36,7 @@ class Evaluator:
                        "fill in no masked pixels: it masks nothing, or scores none)")
     masking_lib.check_mask_ratio(mask_ratio)  # Now, not at the first eval mid-training.
     if t == "auto":  # See the module docstring.
-      t = None if methods.sees_clean_images(cfg) else 0
+      t = methods.reconstruction_t(cfg)
     steps = context.diffusion.num_timesteps
     if t is not None and not (config_parsing.is_int(t) and 0 <= t < steps):
       raise ValueError(f"reconstruction t={t!r} must be 'auto', None (clean images) or an "
