@@ -254,7 +254,8 @@ def test_reference_statistics_streamed_equal_all_at_once(tmp_path, monkeypatch):
     scorer.real_batches = lambda *a: (seen.append(len(x)) or x for x in real_batches(*a))
     mu, sigma = scorer.reference()
     assert sum(seen) == n and max(seen) <= 6  # Never more than one batch at a time.
-    expected = fid_math.feature_statistics(scorer.net(images[masks][:n])[0])
+    expected = fid_math.feature_statistics(
+        scorer.net(fid_scorer.to_8bit(images[masks][:n]))[0])
     np.testing.assert_allclose(mu, expected[0], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(sigma, expected[1], rtol=1e-8, atol=1e-12)
     assert scorer.real_images(ref_cfg, n).shape == (n, 28, 28, 1)
@@ -285,6 +286,27 @@ def test_scores_of_non_finite_images_are_nan_with_a_warning(tmp_path, caplog):
   assert np.isnan(got["fid_fmnist_classifier"])
   assert got["is_fmnist_classifier"] == pytest.approx(finite["is_fmnist_classifier"])
   assert "reference statistics of split 'test' are not finite" in caplog.text
+
+
+def test_images_are_scored_as_8bit_images(tmp_path):
+  """Generated images are rounded to 8-bit levels before scoring (real ones have them):
+  samples within half a level of real images score as those images."""
+  from big_vision.evaluators import fid_scorer
+  levels = np.random.default_rng(1).integers(0, 256, (40, 28, 28, 1))
+  real = (levels / 127.5 - 1).astype(np.float32)
+  np.testing.assert_allclose(fid_scorer.to_8bit(real), real, rtol=0, atol=1e-6)
+  off = real + np.random.default_rng(2).uniform(-0.49, 0.49, real.shape) / 127.5
+  np.testing.assert_array_equal(fid_scorer.to_8bit(off.astype(np.float32)), real)
+  assert fid_scorer.to_8bit(np.float32([-1.5, 1.5])).tolist() == [-1, 1]
+  weights = _fmnist_weights(str(tmp_path / "net.npz"))
+  scorer = fid_scorer.Scorer(_one_device_context(),
+                             dict(kind="fmnist_classifier", weights=weights),
+                             dict(data=dict(name="fashion_mnist_local", split="test"), pp="x"),
+                             max_reference=40, cache_dir=str(tmp_path / "cache"))
+  scorer.real_batches = lambda cfg, n: iter(np.array_split(off.astype(np.float32), 2))
+  assert scorer.cache_key()["pixels"] == "8bit"
+  assert scorer.scores(off.astype(np.float32)) == scorer.scores(real)
+  assert scorer.scores(real)["fid_fmnist_classifier"] == pytest.approx(0, abs=1e-6)
 
 
 def test_scorer_cache_key_follows_data_dir(tmp_path, monkeypatch):
@@ -355,7 +377,7 @@ scorer = fid_scorer.Scorer(ctx, dict(kind="fmnist_classifier", weights=weights),
 mu, sigma = scorer.reference()
 every = np.concatenate([b["image"][b[input_pipeline.MASK_KEY]] for p in (0, 1)
                         for b in host_batches(p)])
-mu_all, sigma_all = fid_math.feature_statistics(scorer.net(every)[0])
+mu_all, sigma_all = fid_math.feature_statistics(scorer.net(fid_scorer.to_8bit(every))[0])
 err = max(np.abs(mu - mu_all).max(), np.abs(sigma - sigma_all).max())
 print("RESULT", len(every), len(scorer.real_images(ref_cfg, 100)), err < 1e-9, flush=True)
 jax.distributed.shutdown()

@@ -5,6 +5,9 @@ dataset, its data_dir, split, eval preprocessing, resolution, network (and a has
 weights file) and image count. They are accumulated batch by batch (the reference images
 are never all held at once). Shared by the sampling and inpainting evaluators.
 
+Both sets are scored as 8-bit images (to_8bit): generated images are rounded to the 256
+levels that real ones have, as the evaluations of ADM and DiT score saved samples.
+
 Images or features that are not finite (a diverged model's NaN samples) give NaN scores
 and a logged warning saying why, so that training goes on.
 """
@@ -54,6 +57,14 @@ def _warn(text):
     logging.warning("%s", text)
 
 
+def to_8bit(images):
+  """Images in [-1, 1] rounded to the 256 levels of 8-bit pixels (x / 127.5 - 1), in
+  their own dtype; those of an 8-bit dataset keep their values (to float rounding)."""
+  images = np.asarray(images)
+  levels = np.round((np.clip(images.astype(np.float64), -1.0, 1.0) + 1.0) * 127.5)
+  return (levels / 127.5 - 1.0).astype(images.dtype)
+
+
 class Scorer:
   """scores(images) -> {fid{_net}, is{_net}, is{_net}_std}."""
 
@@ -92,7 +103,8 @@ class Scorer:
     key = dict(dataset=data["name"], data_dir=data_dir_key(data.get("data_dir")),
                split=data["split"], resolution=f"{h}x{w}",
                network=self.net.name, weights=weights_digest(self.net.weights),
-               pp=self.reference_cfg["pp"], max_images=str(self.max_reference))
+               pp=self.reference_cfg["pp"], max_images=str(self.max_reference),
+               pixels="8bit")
     builder = input_pipeline.builder_kwargs(data)  # E.g. an image folder's source_dir.
     if builder:
       key["builder"] = ",".join(f"{k}={v}" for k, v in sorted(builder.items()))
@@ -102,7 +114,7 @@ class Scorer:
     """(mu, sigma) of the reference split's features, accumulated batch by batch."""
     acc = fid_math.StatisticsAccumulator()
     for images in self.real_batches(self.reference_cfg, self.max_reference):
-      acc.update(self.net(images, progress=False)[0])
+      acc.update(self.net(to_8bit(images), progress=False)[0])
     return acc.result()
 
   def reference(self):
@@ -122,7 +134,7 @@ class Scorer:
       _warn(f"{bad} of {len(images)} images to score have NaN or infinite pixels (a diverged "
             f"model?): fid{s} and is{s} are NaN")
       return not_scored
-    feats, probs = self.net(images)
+    feats, probs = self.net(to_8bit(images))
     if not fid_math.all_finite(feats, probs):
       _warn(f"the {self.net.name} network's features of the images to score are not finite "
             f"(weights {self.net.weights} broken?): fid{s} and is{s} are NaN")
