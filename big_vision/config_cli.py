@@ -54,6 +54,12 @@ def apply_override(config, dotted, raw):
       raise ConfigError(f"unknown config field {dotted!r}: {where!r} has no field {key!r}; "
                         f"it has: {', '.join(sorted(node.keys()))}")
     node = node[key]
+  if leaf not in node and len(parents) == 2 and parents[0] == "evals":
+    # An evaluator's option that its config leaves at the default (e.g. reconstruction's
+    # t): checked against the evaluator's arguments when the evals are built.
+    with node.unlocked():
+      node[leaf] = _convert_override(dotted, raw, None)
+    return
   if leaf not in node:
     where = ".".join(parents) or "config"
     raise ConfigError(f"unknown config field {dotted!r}: {where!r} has no field {leaf!r}; "

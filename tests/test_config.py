@@ -227,6 +227,15 @@ def test_cli_overrides():
     config_cli.load_from_argv(["--config=configs/ae_i1k.py", "--config.mask_ratio=half"])
   with pytest.raises(ConfigError, match=r"does not exist"):
     config_cli.load_from_argv(["--config=configs/nope.py"])
+  # An evaluator's options that its config leaves at their defaults can be set too (the
+  # evaluator checks them when built); an eval the config does not have cannot.
+  config, _ = config_cli.load_from_argv(
+      ["--config=configs/ae_fmnist.py", "--config.evals.reconstruction.t=250",
+       "--config.evals.samples.num_grid=0", "--config.evals.reconstruction.name=recon"])
+  assert (config.evals.reconstruction.t, config.evals.samples.num_grid) == (250, 0)
+  assert config.evals.reconstruction.name == "recon"
+  with pytest.raises(ConfigError, match=r"'evals' has no field 'recon'; it has: .*samples"):
+    config_cli.load_from_argv(["--config=configs/ae_fmnist.py", "--config.evals.recon.t=1"])
 
 
 def test_i1k_evals_follow_the_method():
