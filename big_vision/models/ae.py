@@ -586,7 +586,8 @@ def _resolve(model_config):
                       f"{', '.join(MODEL_OPTIONS)}")
   if "variant" not in cfg or "image_size" not in cfg:
     raise ConfigError("model config needs 'variant' (e.g. 'B/4') and 'image_size'")
-  kw = decode_variant(cfg.pop("variant"))
+  variant = cfg.pop("variant")
+  kw = decode_variant(variant)
   for key in ("decoder_width", "decoder_depth", "decoder_mlp_dim"):
     if cfg.get(key) is None:
       cfg.pop(key, None)
@@ -606,7 +607,10 @@ def _resolve(model_config):
       check_int(key, kw[key], lowest)
   p = kw["patch_size"]
   if size[0] % p or size[1] % p:
-    raise ConfigError(f"image size {size} is not divisible by the patch size {p}")
+    fitting = [q for q in range(1, min(size) + 1) if not size[0] % q and not size[1] % q]
+    raise ConfigError(f"image size {size} is not divisible by the patch size {p} (variant "
+                      f"{variant!r}); patch sizes that divide it: "
+                      f"{', '.join(map(str, fitting))}")
   if kw.get("remat_policy", "none") not in REMAT_POLICIES:
     raise ConfigError(f"unknown remat_policy {kw['remat_policy']!r}; known: "
                       f"{', '.join(REMAT_POLICIES)}")
@@ -639,7 +643,8 @@ def _resolve(model_config):
   _check_masking(kw, mask_ratio=0.0)  # The block size, whatever the ratios.
   for key in ("width", "decoder_width"):
     if kw[key] % kw["num_heads"]:
-      raise ConfigError(f"{key} {kw[key]} is not divisible by num_heads {kw['num_heads']}")
+      raise ConfigError(f"{key} {kw[key]} is not divisible by num_heads {kw['num_heads']} "
+                        f"of variant {variant!r}: it must be a multiple of it")
   if kw.get("num_classes", 0) < 0:
     raise ConfigError(f"num_classes={kw['num_classes']} must be >= 0 (0: unconditional)")
   return kw
