@@ -74,11 +74,15 @@ def test_matching_config_with_other_evals_proceeds(data_dir, workdir):
   assert "val/loss" in saved and saved["val/loss"] > 0
 
 
-@pytest.mark.parametrize("config_args", [
-    [f"--config=configs/ae_fmnist.py:{OPTIONS},method=dit"],
-    ["--config.no_noise_prob=0.0"],  # No --config: the run's own, but this override.
+@pytest.mark.parametrize("config_args,expected", [
+    ([f"--config=configs/ae_fmnist.py:{OPTIONS},method=dit"],
+     "no_noise_prob: run 0.5, config 0.0"),
+    # No --config: the run's own, but this override.
+    (["--config.no_noise_prob=0.0"], "no_noise_prob: run 0.5, config 0.0"),
+    # Refused as a mismatch, before Ti/4's heads (3) reject Mu/4's decoder width (64).
+    (["--config.model.variant=Ti/4"], "model.variant: run 'Mu/4', config 'Ti/4'"),
 ])
-def test_cli_mismatch_exits_with_one_line(workdir, config_args):
+def test_cli_mismatch_exits_with_one_line(workdir, config_args, expected):
   env = dict(os.environ, JAX_PLATFORMS="cpu", WANDB_MODE="disabled", BV_JEMALLOC="0")
   out = subprocess.run(
       [sys.executable, "-m", "big_vision.tools.eval_only", *config_args,
@@ -86,7 +90,7 @@ def test_cli_mismatch_exits_with_one_line(workdir, config_args):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 2, out.stderr[-2000:]
   lines = [l for l in out.stderr.splitlines() if "config error" in l]
-  assert len(lines) == 1 and "no_noise_prob: run 0.5, config 0.0" in lines[0], out.stderr
+  assert len(lines) == 1 and expected in lines[0], out.stderr
   assert "Traceback" not in out.stderr
 
 

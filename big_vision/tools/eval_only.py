@@ -12,6 +12,7 @@ config: a DiT checkpoint has UMD's parameter tree, and evaluating it as UMD woul
 use the wrong probe features and loss weighting. Results are logged at the checkpoint's
 step with the eval names as prefixes, exactly as during training.
 """
+import copy
 import dataclasses
 import functools
 import json
@@ -161,11 +162,15 @@ def main(argv, config, overrides=()):
     print("error: --workdir DIR is required", file=sys.stderr)
     sys.exit(2)
   try:
-    if config is None:  # The run's own config, with the command line's overrides;
-      # evaluate() then refuses overrides of what defines the trained function.
-      config = resolve_config(None, flags.FLAGS.workdir, flags.FLAGS.checkpoint)
+    if config is None:  # The run's own config, with the command line's overrides.
+      saved = resolve_config(None, flags.FLAGS.workdir, flags.FLAGS.checkpoint)
+      config = copy.deepcopy(saved)
       for dotted, raw in overrides:
         config_cli.apply_override(config, dotted, raw)
+      # An override of what defines the trained function is refused as such first (not
+      # as whatever error the other model would give).
+      check_matches_run(config, saved,
+                        run_config_path(flags.FLAGS.workdir, flags.FLAGS.checkpoint))
       methods.check_config(config)
       logging.warning("evaluating with the run's saved config.json")
     evaluate(config, flags.FLAGS.workdir, flags.FLAGS.checkpoint)
