@@ -125,19 +125,31 @@ def _flat(tree, prefix=""):
   return out
 
 
-def _say_config_changes(config, workdir, log):
-  """Warns of what a resumed run changes in the config.json of the run it continues: the
-  run goes on (the restore refuses a state it cannot continue), but no longer equals an
-  uninterrupted one. Options that an older config.json lacks are not changes."""
+def _config_changes(config, workdir):
+  """What a resumed run changes in the config.json of the run it continues, as
+  ["name=old -> new", ...]. Options that an older config.json lacks are not changes."""
   path = os.path.join(workdir, "config.json")
   if not fileio.exists(path):
-    return
+    return []
   saved = _flat(json.loads(fileio.read_text(path)))
   now = _flat(json.loads(config.to_json_best_effort()))
-  changed = [f"{k}={saved[k]!r} -> {now[k]!r}" for k in sorted(set(saved) & set(now))
-             if saved[k] != now[k]]
-  if changed:
-    log(f"WARNING: resuming {workdir} with a changed config: {'; '.join(changed)}")
+  return [f"{k}={saved[k]!r} -> {now[k]!r}" for k in sorted(set(saved) & set(now))
+          if saved[k] != now[k]]
+
+
+def _save_resumed_config(config, workdir, start_step, changes, log):
+  """config.json is the config of the run's latest steps. A resume that changes it keeps
+  the earlier one as config_until_step_N.json (what trained steps up to N); one that
+  trains nothing more leaves it as it is."""
+  path = os.path.join(workdir, "config.json")
+  if not changes:
+    return
+  earlier = os.path.join(workdir, f"config_until_step_{start_step}.json")
+  if not fileio.exists(earlier):
+    fileio.write_text(earlier, fileio.read_text(path))
+  save_config(config, workdir)
+  log(f"config.json: this run's config; the one that trained steps up to {start_step} is "
+      f"now {os.path.basename(earlier)}")
 
 
 def _check_classes(config):
@@ -179,9 +191,10 @@ def train(config, workdir):
   _check_classes(config)
   ckpt = checkpointing.Checkpointer(workdir)
   resume_step = ckpt.latest_step()
+  changes = []
   if resume_step is not None:
     _check_resume(ckpt, resume_step, batch_size, config, workdir, log)
-    _say_config_changes(config, workdir, log)
+    changes = _config_changes(config, workdir)
   train_ds, num_train = input_pipeline.training(config.input, seed=config.seed,
                                                 skip_batches=resume_step or 0)
   total_steps = steps_lib.resolve(config, "total", num_train, batch_size)
@@ -216,11 +229,15 @@ def train(config, workdir):
     differences = ckpt.differences(start_step, abstract_state)
     if differences:
       ckpt.close()
+      changed = (f"config.json's {'; '.join(changes)}" if changes else
+                 "model, EMA or optimizer changed?")
       raise ConfigError(
-          f"the checkpoint of step {start_step} in {workdir} holds another train state "
-          f"(model, EMA or optimizer changed?): {'; '.join(differences[:3])}; resume with "
-          "the run's config (config.json), or start a new workdir (init_from=... to keep "
-          "the parameters)")
+          f"cannot resume: the checkpoint of step {start_step} in {workdir} holds another "
+          f"train state ({changed}): {'; '.join(differences[:3])}; resume with the run's "
+          "config (config.json), or start a new workdir (init_from=... to keep the "
+          "parameters)")
+    if changes:  # The run goes on, but no longer equals an uninterrupted one.
+      log(f"WARNING: resuming {workdir} with a changed config: {'; '.join(changes)}")
     state, extra = ckpt.restore(start_step, target)
     log(f"resumed from step {start_step} ({extra})")
   else:
@@ -240,8 +257,11 @@ def train(config, workdir):
         state["ema_params"] = jax.tree_util.tree_map(lambda p: p.copy(), params)
       log(f"initialised from {config.init_from}; fresh: {fresh or 'nothing'}")
 
-  if is_main:  # Only now: a refused resume or init_from leaves the run's own config.json.
+  # Only now: a refused resume or init_from leaves the run's own config.json.
+  if is_main and resume_step is None:
     save_config(config, workdir)
+  elif is_main and start_step < total_steps:
+    _save_resumed_config(config, workdir, start_step, changes, log)
 
   # The update step: one jit-compiled program with explicit shardings.
   update = train_step.make_update(config, model, diffusion, tx, lr_fn, rng, batch_size,

@@ -127,8 +127,9 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     train.train(other, resumed)
   # Another model cannot continue this state.
   other = fmnist_config(data_dir, "total_steps=12,ema=0.9,adaln=False", ckpt_steps=6)
-  with pytest.raises(ConfigError, match=r"step 6 in .* holds another train state \(model, "
-                                        r"EMA or optimizer changed\?\): "
+  with pytest.raises(ConfigError, match=r"cannot resume: the checkpoint of step 6 in .* "
+                                        r"holds another train state \(config.json's .*"
+                                        r"model.adaln=True -> False\): "
                                         r".*adaln_modulation.* saved, None now; "):
     train.train(other, resumed)
   with open(os.path.join(resumed, "config.json")) as f:  # The run's own config stays.
@@ -138,6 +139,10 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
   state_b, _ = train.train(config, resumed)
   # Steps 7 and 8 of the interrupted run were discarded with it: each step logged once.
   assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 13))
+  # A resume that trains nothing more keeps the config.json of the steps it trained.
+  train.train(fmnist_config(data_dir, "total_steps=12,ema=0.9,seed=5", ckpt_steps=6), resumed)
+  with open(os.path.join(resumed, "config.json")) as f:
+    assert json.load(f)["seed"] == config.seed != 5
 
   a = {r["step"]: r["loss"] for r in read_metrics(straight)}
   b = {r["step"]: r["loss"] for r in read_metrics(resumed) if r["step"] > 6}
@@ -156,18 +161,24 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
   assert gap.max() <= 1 and gap.mean() < 1e-3, (gap.max(), gap.mean())
 
 
-def test_resume_with_a_changed_config_is_said(tmp_path):
+def test_resume_with_a_changed_config_is_said_and_kept(tmp_path):
+  """The changes are named; config.json becomes the resumed run's, and the one that
+  trained the steps before it is kept as config_until_step_N.json."""
   workdir = str(tmp_path)
   config = fmnist_config("/data", "total_steps=12")
   train.save_config(config, workdir)
-  lines = []
-  train._say_config_changes(config, workdir, lines.append)
-  assert not lines
+  assert not train._config_changes(config, workdir)
   changed = fmnist_config("/data", "total_steps=12,seed=3")
   del changed.model["masking"]  # Options a config.json lacks (an older run's) or adds...
   changed.model.new_option = 1
-  train._say_config_changes(changed, workdir, lines.append)
-  assert lines == [f"WARNING: resuming {workdir} with a changed config: seed=0 -> 3"]
+  changes = train._config_changes(changed, workdir)
+  assert changes == ["seed=0 -> 3"]
+  lines = []
+  train._save_resumed_config(changed, workdir, 6, changes, lines.append)
+  read = lambda name: json.load(open(os.path.join(workdir, name)))
+  assert read("config_until_step_6.json")["seed"] == 0 and read("config.json")["seed"] == 3
+  assert lines == ["config.json: this run's config; the one that trained steps up to 6 is "
+                   "now config_until_step_6.json"]
 
 
 def test_checkpoint_differences_name_what_the_state_lacks_or_adds(tmp_path):
