@@ -181,7 +181,6 @@ def _missing_at(evals, workdir, step):
 def train(config, workdir):
   """Runs (or resumes) one training run in `workdir`. Returns (state, last metrics)."""
   is_main = jax.process_index() == 0
-  fileio.makedirs(workdir)  # A local folder or a URL (gs://bucket/run), see fileio.py.
   log = metric_writer.log if is_main else (lambda *_: None)
 
   # Data: each process reads its own shard and batch_size // process_count per step.
@@ -189,6 +188,7 @@ def train(config, workdir):
   batch_size = config.input.batch_size
   sharding.check_batch(batch_size, mesh)
   _check_classes(config)
+  fileio.makedirs(workdir)  # A local folder or a URL (gs://bucket/run), see fileio.py.
   ckpt = checkpointing.Checkpointer(workdir)
   resume_step = ckpt.latest_step()
   changes = []

@@ -360,6 +360,7 @@ def test_batch_not_divisible_by_devices(tmp_path, data_dir):
   assert out.returncode == 2
   assert "batch_size=7 is not divisible by the 2 devices" in out.stderr, out.stderr[-2000:]
   assert "Traceback" not in out.stderr
+  assert not os.path.exists(tmp_path / "w")  # Refused before the workdir is made.
 
 
 def test_imagenet_config_two_steps_on_mock_data(tmp_path):
