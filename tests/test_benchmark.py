@@ -1,6 +1,7 @@
 """The benchmark tool: its FLOP counts agree, and one run reports every figure."""
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -237,3 +238,12 @@ def test_without_tensorflow_evals_are_skipped_and_json_is_written_on_failure(tmp
   assert result.returncode == 0, result.stderr[-2000:]
   assert "evals True" in result.stdout and "peak True" in result.stdout, result.stdout
   assert "kept True RuntimeError: boom" in result.stdout, result.stdout
+
+
+def test_figures_go_to_a_json_file_without_out(tmp_path, monkeypatch):
+  """Without --out the JSON goes under workdirs/benchmarks/, named by what was timed."""
+  monkeypatch.chdir(tmp_path)
+  path = benchmark.default_out_path(ae_fmnist.get_config("variant=S/4,batch_size=128"))
+  assert re.fullmatch(r"workdirs/benchmarks/cpu_S4_b128_\d{8}-\d{6}\.json", path), path
+  benchmark.write_json({"train": {"images_per_s": 1.0}}, path)
+  assert json.load(open(tmp_path / path)) == {"train": {"images_per_s": 1.0}}

@@ -26,10 +26,13 @@ sample count (when the feature network's weights exist).
                  part takes: on a CPU the profile cannot say this (profile.CPU_NOTE).
   --compile_only compiles the step and reports XLA's memory analysis without running it:
                  an estimate of device memory for a device this machine does not have.
+  --out          the JSON file of the figures (default_out_path: under
+                 workdirs/benchmarks/, named by platform, variant, batch and time).
 """
 import contextlib
 import copy
 import json
+import os
 import re
 import resource
 import statistics
@@ -544,7 +547,16 @@ def run(config, steps=10, sample_count=None, input_batches=50, evals=True, compa
   return out
 
 
+def default_out_path(config):
+  """workdirs/benchmarks/PLATFORM_VARIANT_bBATCH_UTCTIME.json, where --out is not given."""
+  name = (f"{jax.devices()[0].platform}_{config.model.variant.replace('/', '')}"
+          f"_b{config.input.batch_size}_{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+  return os.path.join("workdirs", "benchmarks", name + ".json")
+
+
 def write_json(out, path):
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as fh:
     json.dump(out, fh, indent=2, default=float)
 
@@ -648,6 +660,7 @@ def _measure(out, config, steps, sample_count, input_batches, evals, compare, sa
 def main(argv, config):
   del argv
   f = flags.FLAGS
+  out_path = f.out or default_out_path(config)
   if f.compile_only:
     out = dict(config=dict(variant=config.model.variant, image_size=config.model.image_size,
                            batch_size=config.input.batch_size, dtype_mm=config.model.dtype_mm,
@@ -656,12 +669,11 @@ def main(argv, config):
     print(f"compiled in {out['compile_s']:.1f} s; XLA memory analysis "
           f"{out['xla_memory_analysis_bytes'] / 2**30:.2f} GiB (arguments + outputs + "
           f"temporaries of the step, {out['compiled_for']} buffer assignment)")
-    if f.out:
-      write_json(out, f.out)
-      print(f"wrote {f.out}")
+    write_json(out, out_path)
+    print(f"wrote {out_path}")
   else:
     run(config, steps=f.steps, sample_count=f.samples, evals=f.evals, compare=f.compare,
-        sampling=f.sampling, profile_steps=f.profile_steps, out_path=f.out,
+        sampling=f.sampling, profile_steps=f.profile_steps, out_path=out_path,
         ablate=f.ablate)
 
 
@@ -674,7 +686,8 @@ if __name__ == "__main__":
   flags.DEFINE_bool("sampling", True, "Also time the config's sampler.")
   flags.DEFINE_integer("profile_steps", 0, "Also trace this many steps with jax.profiler "
                        "and print the device time by category and the costliest ops.")
-  flags.DEFINE_string("out", None, "Write the figures as JSON here.")
+  flags.DEFINE_string("out", None, "Write the figures as JSON here (default: "
+                      "workdirs/benchmarks/PLATFORM_VARIANT_bBATCH_UTCTIME.json).")
   flags.DEFINE_bool("compare", False, "Also time the straightforward objective, scan and remat.")
   flags.DEFINE_bool("ablate", False, "Also time the step with the attention core, GELU, "
                     "the LayerNorms' statistics and AdamW each replaced by a cheap stand-in.")
