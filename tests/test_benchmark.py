@@ -6,6 +6,7 @@ import statistics
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from big_vision.tools import benchmark
@@ -244,6 +245,8 @@ def test_figures_go_to_a_json_file_without_out(tmp_path, monkeypatch):
   """Without --out the JSON goes under workdirs/benchmarks/, named by what was timed."""
   monkeypatch.chdir(tmp_path)
   path = benchmark.default_out_path(ae_fmnist.get_config("variant=S/4,batch_size=128"))
-  assert re.fullmatch(r"workdirs/benchmarks/cpu_S4_b128_\d{8}-\d{6}\.json", path), path
+  platform = jax.devices()[0].platform
+  assert re.fullmatch(rf"workdirs/benchmarks/{platform}_S4_b128_\d{{8}}-\d{{6}}\.json",
+                      path), path
   benchmark.write_json({"train": {"images_per_s": 1.0}}, path)
   assert json.load(open(tmp_path / path)) == {"train": {"images_per_s": 1.0}}
