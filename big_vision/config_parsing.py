@@ -89,7 +89,12 @@ def convert(key, raw, default):
   except (ValueError, SyntaxError):
     pass
   raise ConfigError(
-      f"config option {key!r} expects a {kind.__name__} (default {default!r}), got {raw!r}")
+      f"config option {key!r} expects {_article(kind.__name__)} {kind.__name__} (default "
+      f"{default!r}), got {raw!r}")
+
+
+def _article(word):
+  return "an" if word[:1] in "aeiou" else "a"
 
 
 def _item_value(key, sep, raw, default):

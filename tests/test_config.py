@@ -32,7 +32,7 @@ def test_unknown_key_lists_known_keys():
 
 
 @pytest.mark.parametrize("arg,match", [
-    ("size=abc", r"'size' expects a int.*got 'abc'"),
+    ("size=abc", r"'size' expects an int.*got 'abc'"),
     ("lr=fast", r"'lr' expects a float"),
     ("scan=maybe", r"'scan' expects a bool"),
     ("size", r"'size' needs a value"),

@@ -340,7 +340,7 @@ def _run_cli(args, env_extra=None, timeout=120):
     ("configs/ae_fmnist.py:variant=Z/4", "unknown variant 'Z/4'"),
     ("configs/ae_fmnist.py:variant=S/5", "is not divisible by the patch size 5"),
     ("configs/ae_fmnist.py:mask_raito=0.5", "unknown config option 'mask_raito'"),
-    ("configs/ae_fmnist.py:batch_size=big", "'batch_size' expects a int"),
+    ("configs/ae_fmnist.py:batch_size=big", "'batch_size' expects an int"),
 ])
 def test_bad_config_fails_in_one_line_before_any_work(tmp_path, arg, message):
   workdir = tmp_path / "never"

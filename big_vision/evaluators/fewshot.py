@@ -35,7 +35,7 @@ class Evaluator:
     self.shots, self.seeds, self.holdout = tuple(shots), int(seeds), int(holdout_per_class)
     self.train_cfg = common.eval_input_config(context, data, pp, batch_size, train_split)
     self.test_cfg = common.eval_input_config(context, data, pp, batch_size, test_split)
-    self._cache = None  # Pixel features do not change during training.
+    self._cache = None  # The pixels' results: they do not change during training.
     model, diffusion = context.model, context.diffusion
 
     def featurize(params, images, key):
@@ -63,15 +63,16 @@ class Evaluator:
 
   def run(self, params, step):
     del step
-    if self._cache is not None:
-      data = self._cache
-    else:
-      data = self._features(params, self.train_cfg, 0) + self._features(params, self.test_cfg, 1)
-      if self.features == "pixels":
-        self._cache = data
-    train_x, train_y, test_x, test_y = data
+    if self._cache is not None:  # Pixels: the same features, the same probe, each time.
+      yield from self._cache
+      return
+    train_x, train_y, test_x, test_y = (self._features(params, self.train_cfg, 0)
+                                        + self._features(params, self.test_cfg, 1))
     results = linear_probe.few_shot(train_x, train_y, test_x, test_y, shots=self.shots,
                                     seeds=self.seeds, holdout_per_class=self.holdout)
+    out = []
     for k, (mean, std, _, _) in results.items():
-      yield f"{k}shot", mean
-      yield f"{k}shot_std", std
+      out += [(f"{k}shot", mean), (f"{k}shot_std", std)]
+    if self.features == "pixels":
+      self._cache = out
+    yield from out
