@@ -164,6 +164,15 @@ def _check_classes(config):
                       f"model.num_classes={model_classes}; set it to {classes}")
 
 
+def _interval_means(steps_metrics):
+  """One record for the steps since the last: the mean of each metric over them (a
+  single batch's loss, at a random t, is noisy), and the learning rate of the last."""
+  means = {k: float(np.mean([m[k] for m in steps_metrics])) for k in steps_metrics[-1]}
+  if "lr" in means:
+    means["lr"] = float(steps_metrics[-1]["lr"])
+  return means
+
+
 def _missing_at(evals, workdir, step):
   """The evals without results at `step` in metrics.jsonl. Process 0 reads it (another
   host may have no copy of a local workdir) and tells the others: their loops are
@@ -327,11 +336,14 @@ def train(config, workdir):
                                           total_steps, state, writer, log):
       # Resumed: the evals due at the checkpoint's step that an interruption cut short.
       progress.restart(start_step)
+    pending = []  # The metrics of the steps since the last record, fetched together.
     for step in range(start_step + 1, total_steps + 1):
       batch = next(batches)
       state, metrics = update(state, batch)
+      pending.append(metrics)
       if step % log_every == 0 or step == total_steps or step == start_step + 1:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = _interval_means(jax.device_get(pending))
+        pending = []
         rate = progress.measure(step)
         log(progress.line(step, metrics, rate))
         writer.write(step, dict(metrics, img_per_sec=rate,

@@ -181,6 +181,15 @@ def test_resume_with_a_changed_config_is_said_and_kept(tmp_path):
                    "now config_until_step_6.json"]
 
 
+def test_records_are_means_over_the_steps_since_the_last():
+  steps = [dict(loss=np.float32(x), grad_norm=np.float32(2 * x), lr=np.float32(x / 10))
+           for x in (1.0, 2.0, 6.0)]
+  assert train._interval_means(steps) == dict(loss=3.0, grad_norm=6.0,
+                                              lr=pytest.approx(0.6))
+  assert train._interval_means(steps[:1]) == dict(loss=1.0, grad_norm=2.0,
+                                                  lr=pytest.approx(0.1))
+
+
 def test_checkpoint_differences_name_what_the_state_lacks_or_adds(tmp_path):
   w = np.zeros((2, 3), np.float32)
   ckpt = checkpointing.Checkpointer(str(tmp_path))
