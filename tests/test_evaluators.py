@@ -375,14 +375,28 @@ def test_sampling_evaluator_fid_is_and_floor(data_dir, tmp_path, feature_net_wei
   assert samples.shape == (20, 28, 28, 1) and samples.min() >= -1 and samples.max() <= 1
 
 
-def test_sampling_evaluator_missing_weights_is_skipped_with_reason(data_dir, tmp_path):
-  ctx, _ = make_context(data_dir, str(tmp_path))
-  config = ml_collections.ConfigDict(dict(evals=dict(s=dict(
-      type="sampling", feature_net=dict(kind="fmnist_classifier",
-                                        weights=str(tmp_path / "nope.npz"))))))
+def test_evaluators_missing_feature_net_weights_run_without_fid(data_dir, tmp_path):
+  """Sample grids and inpainting's MSE still run without FID/IS, each said in one line; a
+  sampling eval without a grid then has nothing to do and is skipped."""
+  ctx, params = make_context(data_dir, str(tmp_path))
+  net = dict(kind="fmnist_classifier", weights=str(tmp_path / "nope.npz"))
+  config = ml_collections.ConfigDict(dict(evals=dict(
+      s=dict(type="sampling", feature_net=net, num_grid=4, sampling_timesteps=2,
+             batch_size=4),
+      g=dict(type="sampling", feature_net=net, num_grid=0),
+      i=dict(type="inpainting", feature_net=net, max_examples=8, batch_size=8,
+             sampling_timesteps=2, split="test[:8]"))))
   said = []
-  assert common.build(config, ctx, 100, 10, log=said.append) == []
-  assert len(said) == 1 and "eval s skipped" in said[0] and "train_feature_net" in said[0]
+  built = {e.name: e.evaluator for e in common.build(config, ctx, 100, 10, log=said.append)}
+  assert set(built) == {"s", "i"}
+  said = {line.split()[1]: line for line in said}
+  assert said["s"].startswith("eval s without FID/IS: ") and "train_feature_net" in said["s"]
+  assert said["g"].startswith("eval g skipped: ") and "nope.npz" in said["g"]
+  assert said["i"].startswith("eval i without FID/IS: ")
+  assert built["s"].num_samples == 4 and not dict(built["s"].run(params, 1))
+  assert os.path.exists(tmp_path / "images" / "s_uncond_0000001.png")
+  assert set(dict(built["i"].run(params, 1))) == {
+      "masked_mse", "masked_psnr", "onestep_masked_mse", "onestep_masked_psnr"}
 
 
 @pytest.mark.parametrize("content", [b"", "half"])

@@ -137,7 +137,8 @@ def build(config, context, num_train, batch_size, log=print):
   """[Scheduled] for every entry of config.evals; unknown types fail with the list.
 
   An evaluator that cannot run here (a missing weights file or dataset) is left out with
-  one line saying why, so that the training itself still runs.
+  one line saying why, so that the training itself still runs; one that only lacks its
+  FID/IS network's weights runs without FID/IS (sample grids, inpainting MSE), also said.
   """
   result = []
   for name, spec in (config.get("evals") or {}).items():
@@ -173,6 +174,15 @@ def build(config, context, num_train, batch_size, log=print):
     if not everywhere:
       log(f"eval {name} skipped: {missing or 'a file it needs is missing on another host'}")
       continue
+    # Without its feature network's weights, an eval that also scores FID/IS runs without
+    # them (on every host alike: scoring is collective), if it has anything else to do.
+    unscored = getattr(evaluator, "unscored", None)
+    if not on_every_process(unscored is None):
+      why = unscored or "the feature network's weights are missing on another host"
+      if not evaluator.drop_scorer():
+        log(f"eval {name} skipped: {why}")
+        continue
+      log(f"eval {name} without FID/IS: {why}")
     result.append(Scheduled(name, evaluator, every, spec.get("use_ema", True)))
   return result
 

@@ -65,6 +65,18 @@ def to_8bit(images):
   return (levels / 127.5 - 1.0).astype(images.dtype)
 
 
+def optional_scorer(context, feature_net, reference_cfg, max_reference=10_000,
+                    cache_dir=None):
+  """(Scorer, None); (None, None) without a feature_net; (None, why) when its weights file
+  is missing: the eval then runs without FID/IS, and common.build says so."""
+  if not feature_net:
+    return None, None
+  try:
+    return Scorer(context, feature_net, reference_cfg, max_reference, cache_dir), None
+  except FileNotFoundError as e:
+    return None, str(e)
+
+
 class Scorer:
   """scores(images) -> {fid{_net}, is{_net}, is{_net}_std}."""
 

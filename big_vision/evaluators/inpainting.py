@@ -81,12 +81,11 @@ class Evaluator:
     # divide over them.
     self.input_cfg = common.eval_input_config(
         context, data, pp, batch_size or common.device_multiple(context, 64), split)
-    self.scorer = None
-    if feature_net:  # Reference statistics are cached and shared with the sampling eval.
-      self.scorer = fid_scorer.Scorer(
-          context, feature_net, common.eval_input_config(
-              context, data, pp, common.device_multiple(context, 500), reference_split),
-          max_reference, cache_dir)
+    # Reference statistics are cached and shared with the sampling eval.
+    self.scorer, self.unscored = fid_scorer.optional_scorer(
+        context, feature_net, common.eval_input_config(
+            context, data, pp, common.device_multiple(context, 500), reference_split),
+        max_reference, cache_dir)
     # eta stays 1 unless given, not config.diffusion.eta: re-noising the visible region at
     # every step needs stochastic steps to blend it with the generated one (as RePaint).
     steps = int(sampling_timesteps or cfg.diffusion.sampling_timesteps)
@@ -120,6 +119,11 @@ class Evaluator:
         out["onestep_mse"] = mse(out["onestep"])
       return out
     self._run_batch = jax.jit(run_batch)
+
+  def drop_scorer(self):
+    """Without FID (no feature network's weights): MSE, PSNR and the grid still."""
+    self.scorer = None
+    return True
 
   def run(self, params, step):
     parts = {"mse": [], "inpainted": []} | ({"onestep_mse": []} if self.onestep else {})

@@ -6,7 +6,8 @@ without the unconditional half; default (1,); an unconditional model given scale
 config error). DDIM (eta) or DDPM with `sampling_timesteps` respaced steps, each batch one
 compiled program; eta and the steps default to config.diffusion's.
 FID/IS use a feature network (feature_nets.py); the reference statistics of the real
-split are cached on disk (keyed as in fid_scorer.py, weights file included). The
+split are cached on disk (keyed as in fid_scorer.py, weights file included). Without the
+network's weights file the eval draws only the grid's samples (common.build says so). The
 real-vs-real floor (`floor_split` images against the reference) is logged beside them:
 a model cannot be expected to beat it with this many samples.
 PNG grids of the first `num_grid` samples (0: none), images/{eval name}_{uncond|cfgS}_{step}.
@@ -63,13 +64,11 @@ class Evaluator:
                        "unconditionally only")
     self.guidance_scales = (tuple((1.0,) if guidance_scales is None else guidance_scales)
                             if self.num_classes else ())
-    self.scorer = None
     real_batch = common.device_multiple(context, 500)
-    if feature_net:
-      self.scorer = fid_scorer.Scorer(
-          context, feature_net, common.eval_input_config(context, data, pp, real_batch,
-                                                         reference_split),
-          max_reference, cache_dir)
+    self.scorer, self.unscored = fid_scorer.optional_scorer(
+        context, feature_net, common.eval_input_config(context, data, pp, real_batch,
+                                                       reference_split),
+        max_reference, cache_dir)
     self.floor_cfg = common.eval_input_config(context, data, pp, real_batch,
                                               _first(floor_split, self.num_samples))
     self._floor = None
@@ -96,6 +95,13 @@ class Evaluator:
                     null_label=self.num_classes if self.num_classes else None)
     self._generate = jax.jit(generate, static_argnames=("scale", "conditional"),
                              out_shardings=context.data_sharding)
+
+  def drop_scorer(self):
+    """Without FID/IS (no feature network's weights): only the grid's samples. Returns
+    whether anything is left to do."""
+    self.scorer = None
+    self.num_samples = min(self.num_samples, self.num_grid)
+    return self.num_samples > 0
 
   def samples(self, params, scale=None, conditional=False):
     """num_samples images in [-1, 1]; labels cycle through the classes when conditional."""
