@@ -20,6 +20,7 @@ from big_vision import train
 from big_vision.config_parsing import ConfigError
 from big_vision.evaluators import common
 from big_vision.evaluators import fid_math
+from big_vision.evaluators import fid_scorer
 from big_vision.evaluators import linear_probe
 from big_vision.models import ae
 from big_vision.models import masking as masking_lib
@@ -345,7 +346,7 @@ def test_sampling_evaluator_fid_is_and_floor(data_dir, tmp_path, feature_net_wei
   r = dict(ev.run(params, 3))
   # The scores are those of these samples, against the reference split's statistics
   # computed here at once from all its images (the scorer streams them batch by batch),
-  # with the IS written out independently of fid_math.
+  # with the IS written out independently of fid_math; samples as 8-bit images.
   net = ev.scorer.net
   real = common.collect(ctx, ev.scorer.reference_cfg, lambda b: {"x": b["image"]}, 300)["x"]
   assert real.shape == (300, 28, 28, 1)
@@ -356,7 +357,7 @@ def test_sampling_evaluator_fid_is_and_floor(data_dir, tmp_path, feature_net_wei
                     for q in np.array_split(p, 10)])
 
   for prefix, scale, conditional in (("", None, False), ("cfg2/", 2.0, True)):
-    feats, probs = net(ev.samples(params, scale, conditional))
+    feats, probs = net(fid_scorer.to_8bit(ev.samples(params, scale, conditional)))
     assert r[prefix + "is_fmnist_classifier"] == pytest.approx(inception_score(probs),
                                                                rel=1e-9)
     assert r[prefix + "fid_fmnist_classifier"] == pytest.approx(
