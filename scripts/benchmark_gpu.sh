@@ -98,15 +98,20 @@ done
 "$python" - "$out" <<'EOF'
 import glob, json, os, sys
 rows = []
+pct = lambda x: "-" if x is None else f"{x:.1%}"
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
   r = json.load(open(path))
-  t = r["train"]
+  name = os.path.basename(path)[:-5]
+  t = r.get("train")
+  if not t:  # The variant failed before timing its step (e.g. out of memory).
+    rows.append((name, r.get("device", "-"), "failed: " + str(r.get("error", "?"))[:60]))
+    continue
   s = r.get("sampling") or {}
-  rows.append((os.path.basename(path)[:-5], r["device"], f"{t['images_per_s']:.0f}",
-               f"{t['step_s'] * 1e3:.1f}", f"{t['fraction_of_peak_analytic']:.1%}",
-               f"{t['fraction_of_peak']:.1%}", f"{t['peak_memory_bytes'] / 2**30:.1f}",
-               f"{t['fraction_of_measured_matmul']:.1%}" if "fraction_of_measured_matmul" in t
-               else "-",
+  rows.append((name, r["device"], f"{t['images_per_s']:.0f}",
+               f"{t['step_s'] * 1e3:.1f}", pct(t.get("fraction_of_peak_analytic")),
+               pct(t.get("fraction_of_peak")),
+               f"{t['peak_memory_bytes'] / 2**30:.1f}" if t.get("peak_memory_bytes") else "-",
+               pct(t.get("fraction_of_measured_matmul")),
                f"{s['images_per_s']:.1f}" if s else "-",
                str(s.get("steps_in_one_program", "-"))))
 head = ("variant", "device", "img/s", "step ms", "MFU analytic", "MFU XLA", "peak GiB",

@@ -1,5 +1,6 @@
 """run_tpu.sh and ibrun.sh: shellcheck-clean, usage errors, and the commands --dry-run
 prints under fake clusters (fake srun/ibrun/mpirun/scontrol on PATH, fake SLURM/PBS env)."""
+import json
 import os
 import shlex
 import shutil
@@ -280,6 +281,21 @@ def test_benchmark_gpu_script_names_an_unknown_variant(tmp_path):
                         str(tmp_path / "out"), "flash"], capture_output=True, text=True)
   assert out.returncode == 2
   assert "unknown variant flash; known: xla cudnn cudnn_bf16" in out.stderr
+
+
+def test_benchmark_gpu_table_lists_failed_variants_and_unknown_peaks(tmp_path):
+  """A variant that failed before its step was timed (its JSON has only the error) and a
+  GPU without a known peak (fraction None) still give the table."""
+  (tmp_path / "b1024.json").write_text(json.dumps(dict(device="H100", error="OOM: 84 GiB")))
+  (tmp_path / "x.json").write_text(json.dumps(dict(device="X", train=dict(
+      images_per_s=10, step_s=0.1, fraction_of_peak_analytic=None, fraction_of_peak=None,
+      peak_memory_bytes=2**30))))
+  out = subprocess.run(["bash", os.path.join(ROOT, "scripts/benchmark_gpu.sh"),
+                        str(tmp_path), "table"], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, PYTHON=sys.executable))
+  assert out.returncode == 0, out.stderr
+  assert "b1024 | H100 | failed: OOM: 84 GiB" in out.stdout
+  assert "x | X | 10 | 100.0 | - | - | 1.0 | - | - | -" in out.stdout
 
 
 # scripts/train_fmnist.sh
