@@ -1,4 +1,5 @@
-"""The UMD training objective, of which MAE, DiT and MaskDiT are presets.
+"""The UMD training objective, of which MAE, DiT, MaskDiT, MaskDM and DiffMAE are presets
+(methods.py).
 
 Each batch is split (statically, so shapes are known to jit):
   - the first round(B * no_noise_prob) images stay clean (t = 0), are masked with

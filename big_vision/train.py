@@ -1,4 +1,5 @@
-r"""Trains the masked-diffusion auto-encoder (UMD, MAE, DiT, MaskDiT by config).
+r"""Trains the masked-diffusion auto-encoder (UMD, MAE, DiT, MaskDiT, MaskDM, DiffMAE:
+configs).
 
   python -m big_vision.train --config configs/ae_fmnist.py:method=umd --workdir DIR
 

@@ -10,7 +10,8 @@ The data comes from Debian's dataset-fashion-mnist files, turned into a TFDS dat
 (`fashion_mnist_local`) on first use; no download. Defaults are sized to finish in about
 15 minutes on 2 CPU cores and show the loss falling; `epochs=` or `total_steps=` run longer.
 FID/IS use our own Fashion-MNIST classifier (`feature_net=PATH`, made once by
-`python -m big_vision.tools.train_feature_net`); without it those evals are skipped.
+`python -m big_vision.tools.train_feature_net`); without it sampling draws only its grid
+and inpainting runs without FID.
 """
 import os
 

@@ -1,5 +1,6 @@
 # pylint: disable=line-too-long
-r"""UMD (and MAE, DiT, MaskDiT) on ImageNet-2012 at 64x64 pixels, the UMD paper's recipe.
+r"""UMD (and MAE, DiT, MaskDiT, MaskDM, DiffMAE) on ImageNet-2012 at 64x64 pixels, the UMD
+paper's recipe.
 
 Self-supervised pre-training, 800 epochs, B/4 (100-shot linear probe every 10k steps):
   python -m big_vision.train --config configs/ae_i1k.py:method=umd,variant=B/4,size=64 --workdir DIR
