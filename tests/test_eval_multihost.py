@@ -103,3 +103,25 @@ def test_an_eval_missing_a_file_on_another_host_is_skipped_on_every_host(data_di
   said = []
   assert common.build(config, ctx, 100, 10, log=said.append) == []
   assert said == ["eval val skipped: a file it needs is missing on another host"]
+
+
+def test_an_eval_missing_its_feature_net_on_another_host_goes_without_fid_on_every_host(
+    data_dir, tmp_path, monkeypatch):
+  # Scoring is collective too: hosts with the weights must drop FID/IS with the others.
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from big_vision.evaluators import common  # pylint: disable=g-import-not-at-top
+  from tests.test_evaluators import make_context  # pylint: disable=g-import-not-at-top
+  from tests.test_fid_statistics import _fmnist_weights  # pylint: disable=g-import-not-at-top
+  ctx, _ = make_context(data_dir, str(tmp_path))
+  config = ml_collections.ConfigDict(dict(evals=dict(i=dict(
+      type="inpainting", feature_net=dict(kind="fmnist_classifier", weights=_fmnist_weights(
+          str(tmp_path / "net.npz")))))))
+  assert common.build(config, ctx, 100, 10)[0].evaluator.scorer is not None  # All there.
+  votes = iter([True, False])  # Every host has the eval's files; one lacks the weights.
+  monkeypatch.setattr(common, "on_every_process", lambda ok: next(votes))
+  said = []
+  built = common.build(config, ctx, 100, 10, log=said.append)
+  assert len(built) == 1 and built[0].evaluator.scorer is None
+  assert said == ["eval i without FID/IS: the feature network's weights are missing on "
+                  "another host"]
+
