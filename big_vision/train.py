@@ -1,5 +1,5 @@
-r"""Trains the masked-diffusion auto-encoder (UMD, MAE, DiT, MaskDiT, MaskDM, DiffMAE:
-configs).
+r"""Trains the masked-diffusion auto-encoder: UMD, MAE, DiT, MaskDiT, MaskDM or DiffMAE, as
+the config says.
 
   python -m big_vision.train --config configs/ae_fmnist.py:method=umd --workdir DIR
 
