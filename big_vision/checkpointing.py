@@ -4,8 +4,10 @@ Saving is collective across processes (orbax coordinates hosts); restoring takes
 target shardings from an abstract state, so a checkpoint can be restored on another
 number of devices or processes.
 """
+import logging
 import os
 
+from absl import logging as absl_logging
 from etils import epath
 import jax
 import numpy as np
@@ -16,6 +18,23 @@ from big_vision import fileio
 
 # A local path made absolute; URLs such as gs://bucket/run stay as they are (orbax takes them).
 _absolute = fileio.absolute
+
+
+class _HarmlessOrbaxWarnings(logging.Filter):
+  """Drops orbax's warnings that every resume and every eval_only printed, and that say
+  nothing wrong: the read-only manager's settings (load_params opens it read-only on
+  purpose), and the missing metadata file of the state item's folder (the step's folder
+  has it; _saved_tree reads the item's)."""
+
+  def filter(self, record):
+    text = record.getMessage()
+    return not (text.startswith(("CheckpointManagerOptions.read_only=True",
+                                 "Given directory is read only"))
+                or (text.startswith("Metadata file does not exist")
+                    and text.endswith("/state/_CHECKPOINT_METADATA")))
+
+
+absl_logging.get_absl_logger().addFilter(_HarmlessOrbaxWarnings())
 
 
 class Checkpointer:

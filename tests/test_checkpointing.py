@@ -33,3 +33,21 @@ def test_load_params_reads_params_and_ema_but_not_the_optimizer(tmp_path, monkey
       {"ema_params": ema, "params": params})):
     np.testing.assert_array_equal(got, want)
     assert got.sharding.is_fully_replicated
+
+
+def test_reading_a_checkpoint_warns_of_nothing(tmp_path, caplog):
+  """Resuming and eval_only read checkpoints without orbax's warnings that say nothing
+  wrong (a read-only manager's settings, the state item's own metadata file); others
+  still pass."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  state = {"params": {"w": jnp.ones((2, 3))}}
+  saver = checkpointing.Checkpointer(str(tmp_path))
+  saver.save(3, state, {"step": 3})
+  saver.wait()
+  with caplog.at_level("WARNING"):
+    assert saver.extra(3) == {"step": 3} and not saver.differences(3, state)
+    assert checkpointing.load_params(str(tmp_path))[1] == 3
+    absl_logging.warning("Metadata file does not exist: %s", "/x/3/_CHECKPOINT_METADATA")
+  saver.close()
+  assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+      "Metadata file does not exist: /x/3/_CHECKPOINT_METADATA"], caplog.text
