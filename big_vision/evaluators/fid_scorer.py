@@ -65,14 +65,13 @@ def to_8bit(images):
   return (levels / 127.5 - 1.0).astype(images.dtype)
 
 
-def optional_scorer(context, feature_net, reference_cfg, max_reference=10_000,
-                    cache_dir=None):
+def optional_scorer(context, feature_net, *scorer_args):
   """(Scorer, None); (None, None) without a feature_net; (None, why) when its weights file
   is missing: the eval then runs without FID/IS, and common.build says so."""
   if not feature_net:
     return None, None
   try:
-    return Scorer(context, feature_net, reference_cfg, max_reference, cache_dir), None
+    return Scorer(context, feature_net, *scorer_args), None
   except FileNotFoundError as e:
     return None, str(e)
 
