@@ -29,6 +29,7 @@ COMMON_OPTIONS = dict(
     attention="xla",   # auto: cuDNN's fused attention on a GPU with bf16 matmuls.
     flat_dense=True,   # Token Dense layers as one flat matmul (False: nn.Dense's 3-D dot).
     autodiff_backward=False,  # True: JAX's autodiff for GELU, LayerNorm, softmax (to compare).
+    backward_kernels="xla",  # pallas: the LayerNorms' and gates' backward as Pallas kernels (GPU).
     decoder_queries=ae.Model.decoder_queries,  # mask_token, or noised_patches (DiffMAE).
     decoder_attention=ae.Model.decoder_attention,  # joint; DiffMAE's cross_self or cross.
     fsdp=False,
@@ -84,6 +85,7 @@ def model(arg, image_size, channels, num_classes, decoder_rule):
       attention=arg.attention,
       flat_dense=arg.flat_dense,
       autodiff_backward=arg.autodiff_backward,
+      backward_kernels=arg.backward_kernels,
       decoder_queries=arg.decoder_queries,
       decoder_attention=arg.decoder_attention,
   ))

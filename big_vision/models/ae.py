@@ -30,6 +30,7 @@ from big_vision.config_parsing import ConfigError
 from big_vision.config_parsing import check_int
 from big_vision.config_parsing import is_int
 from big_vision.models import conditioning
+from big_vision.models import fused_backward
 from big_vision.models import gelu
 from big_vision.models import masking as masking_lib
 from big_vision.models import norm
@@ -254,16 +255,22 @@ class Block(nn.Module):
   recompute_elementwise: bool = False
   layout: str = "self"
   autodiff_backward: bool = False  # See Model.
+  backward_kernels: str = "xla"  # See Model.
 
   @nn.compact
   def __call__(self, x, cond, context=None):
     d = x.shape[-1]
-    autodiff = self.autodiff_backward
+    autodiff, kernels = self.autodiff_backward, self.backward_kernels
     attn = Attention(self.num_heads, self.dtype, self.attention, self.flat_dense, autodiff,
                      name="attn")
     mlp = Mlp(self.mlp_dim, self.dtype, self.flat_dense, self.recompute_elementwise,
               autodiff, name="mlp")
-    layer_norm = lambda name: norm.LayerNorm(self.act_dtype, autodiff, name=name)
+    layer_norm = lambda name: norm.LayerNorm(self.act_dtype, autodiff, kernels, name=name)
+    norm_modulate = lambda name: norm.NormModulate(autodiff, kernels, name=name)
+    if fused_backward.uses_pallas(kernels):
+      gated = lambda x, gate, y: fused_backward.gated_residual(x, gate, y, kernels)
+    else:
+      gated = lambda x, gate, y: x + gate * y
     if self.layout != "self":  # Additive conditioning only (checked by _resolve).
       if self.layout == "cross_self":
         x = x + attn(layer_norm("norm1")(x))
@@ -275,8 +282,8 @@ class Block(nn.Module):
       mod = nn.Dense(6 * d, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                      name="adaln_modulation")(nn.silu(cond))
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
-      x = x + gate1 * attn(norm.NormModulate(autodiff, name="norm1")(x, shift1, scale1))
-      x = x + gate2 * mlp(norm.NormModulate(autodiff, name="norm2")(x, shift2, scale2))
+      x = gated(x, gate1, attn(norm_modulate("norm1")(x, shift1, scale1)))
+      x = gated(x, gate2, mlp(norm_modulate("norm2")(x, shift2, scale2)))
     else:
       x = x + attn(layer_norm("norm1")(x))
       x = x + mlp(layer_norm("norm2")(x))
@@ -297,6 +304,7 @@ class Stack(nn.Module):
   flat_dense: bool = True
   layout: str = "self"  # See Block.
   autodiff_backward: bool = False  # See Model.
+  backward_kernels: str = "xla"  # See Model.
 
   @nn.compact
   def __call__(self, x, cond, context=None):
@@ -309,7 +317,8 @@ class Stack(nn.Module):
               dtype=self.dtype, attention=self.attention, act_dtype=self.act_dtype,
               flat_dense=self.flat_dense,
               recompute_elementwise=self.remat_policy == "elementwise", layout=self.layout,
-              autodiff_backward=self.autodiff_backward)
+              autodiff_backward=self.autodiff_backward,
+              backward_kernels=self.backward_kernels)
     if self.scan:
       scanned = nn.scan(block, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},
@@ -360,6 +369,11 @@ class Model(nn.Module):
   # place of gelu.py's, norm.py's and attention_core's: the same function, more memory
   # and memory traffic (kept to compare, as flat_dense).
   autodiff_backward: bool = False
+  # The backward passes of the LayerNorms (+ AdaLN's modulation) and of AdaLN's gated
+  # residuals, on [B, T, D] tokens: "xla" (XLA's fusions), "pallas" (a Pallas kernel each,
+  # one pass; an NVIDIA GPU, one device), "pallas_interpret" (those kernels in Pallas's
+  # interpreter, any device: to test them). See fused_backward.py.
+  backward_kernels: str = "xla"
 
   @property
   def grid(self):
@@ -383,7 +397,10 @@ class Model(nn.Module):
     dtype = MATMUL_DTYPES[self.dtype_mm]
     stack = dict(adaln=self.adaln, scan=self.scan, remat_policy=self.remat_policy, dtype=dtype,
                  attention=self.attention, act_dtype=MATMUL_DTYPES[self.dtype_activations],
-                 flat_dense=self.flat_dense, autodiff_backward=self.autodiff_backward)
+                 flat_dense=self.flat_dense, autodiff_backward=self.autodiff_backward,
+                 backward_kernels=self.backward_kernels)
+    layer_norm = lambda: norm.LayerNorm(autodiff=self.autodiff_backward,
+                                        kernels=self.backward_kernels)
     dense = dense_module(self.flat_dense)
     self.patch_embedding = dense(self.width, kernel_init=_dense_init, dtype=dtype)
     if self.posemb == "learn":
@@ -401,7 +418,7 @@ class Model(nn.Module):
     if self.num_classes:
       self.y_embedder = conditioning.LabelEmbedder(self.num_classes, self.width)
     self.encoder = Stack(self.depth, self.mlp_dim, self.num_heads, **stack)
-    self.encoder_norm = norm.LayerNorm(autodiff=self.autodiff_backward)
+    self.encoder_norm = layer_norm()
     self.decoder_embed = dense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
     if self.noised_queries:
       self.query_embedding = dense(self.decoder_width, kernel_init=_dense_init, dtype=dtype)
@@ -410,12 +427,12 @@ class Model(nn.Module):
                                    (1, 1, self.decoder_width))
     if not self.adaln:
       self.decoder_cond = nn.Dense(self.decoder_width, kernel_init=_dense_init)
-      self.decoder_norm = norm.LayerNorm(autodiff=self.autodiff_backward)
+      self.decoder_norm = layer_norm()
     layout = "self" if self.decoder_attention == "joint" else self.decoder_attention
     self.decoder = Stack(self.decoder_depth, self.decoder_mlp_dim or 4 * self.decoder_width,
                          self.num_heads, layout=layout, **stack)
     if self.adaln:
-      self.final_norm = norm.NormModulate(self.autodiff_backward)
+      self.final_norm = norm.NormModulate(self.autodiff_backward, self.backward_kernels)
       self.final_modulation = nn.Dense(2 * self.decoder_width,
                                        kernel_init=nn.initializers.zeros)
     self.head = dense(self.patch_size ** 2 * 2 * self.channels,
@@ -573,7 +590,7 @@ DECODER_ATTENTION = ("joint", "cross_self", "cross")
 MODEL_OPTIONS = ("variant", "image_size", "channels", "num_cls_tokens", "adaln", "num_classes",
                  "posemb", "masking", "mask_block_size", "scan", "remat_policy", "dtype_mm",
                  "dtype_activations", "attention", "flat_dense", "autodiff_backward",
-                 "decoder_width",
+                 "backward_kernels", "decoder_width",
                  "decoder_depth", "decoder_mlp_dim", "decoder_queries", "decoder_attention")
 
 
@@ -624,6 +641,7 @@ def _resolve(model_config):
   for key in ("adaln", "scan", "flat_dense", "autodiff_backward"):
     if not isinstance(kw.get(key, True), bool):
       raise ConfigError(f"{key} must be True or False, not {kw[key]!r}")
+  _check_backward_kernels(kw.get("backward_kernels", "xla"), kw.get("autodiff_backward", False))
   if kw.get("posemb", "sincos2d") not in ("sincos2d", "learn"):
     raise ConfigError(f"unknown posemb {kw['posemb']!r}; known: sincos2d, learn")
   if kw.get("masking", "random") not in ("random", "block"):
@@ -648,6 +666,25 @@ def _resolve(model_config):
   if kw.get("num_classes", 0) < 0:
     raise ConfigError(f"num_classes={kw['num_classes']} must be >= 0 (0: unconditional)")
   return kw
+
+
+def _check_backward_kernels(kernels, autodiff_backward):
+  if kernels not in fused_backward.KERNELS:
+    raise ConfigError(f"unknown backward_kernels {kernels!r}; known: "
+                      f"{', '.join(fused_backward.KERNELS)}")
+  if not fused_backward.uses_pallas(kernels):
+    return
+  if autodiff_backward:
+    raise ConfigError(f"backward_kernels={kernels!r} replaces the hand-written backward "
+                      "passes that autodiff_backward=True turns off: set one of them")
+  if kernels == "pallas" and jax.devices()[0].platform != "gpu":
+    raise ConfigError(f"backward_kernels='pallas' compiles Triton kernels for an NVIDIA "
+                      f"GPU; this process runs on {jax.devices()[0].device_kind} (use 'xla', "
+                      "or 'pallas_interpret' to run the kernels in Pallas's interpreter)")
+  if jax.device_count() > 1:
+    raise ConfigError(f"backward_kernels={kernels!r} runs on one device: its kernels are not "
+                      f"partitioned over the batch, and this run has {jax.device_count()} "
+                      "devices (use 'xla')")
 
 
 def _check_masking(kw, **mask_ratios):

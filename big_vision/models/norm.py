@@ -7,7 +7,8 @@ the normalised x). The backward pass here keeps x itself (in its own dtype: half
 in a bfloat16 stream) and two numbers per token (mean, 1/std), and recomputes the
 normalised x where it reads it: less memory and memory traffic (UMD-S/4's step on a
 2-core CPU: 4% faster, 8% less memory; docs/BENCHMARKS.md), the same values to float32
-rounding (tests/test_norm.py).
+rounding (tests/test_norm.py). With kernels="pallas" the backward pass of [B, T, D]
+tokens is one Pallas kernel (fused_backward.py).
 """
 import functools
 from typing import Any, Optional
@@ -15,6 +16,8 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from big_vision.models import fused_backward
 
 EPSILON = 1e-6  # flax.linen.LayerNorm's default.
 
@@ -33,30 +36,49 @@ def _statistics(x32, epsilon):
   return mean, jax.lax.rsqrt(variance + epsilon)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm_modulate(x, shift, scale, epsilon=EPSILON):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm_modulate(x, shift, scale, epsilon=EPSILON, kernels="xla"):
   """LayerNorm over the last axis of x, then * (1 + scale) + shift.
 
   Args:
     x: [..., D] (e.g. tokens [B, N, D]); statistics in float32 whatever its dtype.
     shift, scale: broadcastable to x (AdaLN: [B, 1, D]).
     epsilon: added to the variance.
+    kernels: the backward pass's, fused_backward.KERNELS ("xla": XLA's fusions; the Pallas
+      kernel takes x [B, T, D] with shift and scale per image or shared, else "xla"'s).
   Returns:
     x's shape, in the dtype that x, shift and scale promote to.
   """
   return _forward(x, shift, scale, epsilon)[0]
 
 
-def _forward(x, shift, scale, epsilon):
+def _forward(x, shift, scale, epsilon, kernels="xla"):
+  del kernels  # Of the backward pass.
   x32 = x.astype(jnp.float32)
   mean, inv_std = _statistics(x32, epsilon)
   y = (x32 - mean) * inv_std * (1 + scale.astype(jnp.float32)) + shift.astype(jnp.float32)
   return y.astype(jnp.result_type(x, shift, scale)), (x, mean, inv_std, shift, scale)
 
 
-def _backward(epsilon, residuals, dy):
+def _per_image(shape, x_shape):
+  """Whether an array of `shape` broadcasts to x [B, T, D] as [B, 1, D] does."""
+  b, _, d = x_shape
+  try:
+    return jnp.broadcast_shapes(shape, (b, 1, d)) == (b, 1, d)
+  except ValueError:
+    return False
+
+
+def _backward(epsilon, kernels, residuals, dy):
   del epsilon  # In inv_std already.
   x, mean, inv_std, shift, scale = residuals
+  if (fused_backward.uses_pallas(kernels) and x.ndim == 3 and _per_image(shift.shape, x.shape)
+      and _per_image(scale.shape, x.shape)):
+    per_image = jnp.broadcast_to(scale, (x.shape[0], 1, x.shape[2]))[:, 0]
+    dx, dshift, dscale = fused_backward.layer_norm_modulate_backward(
+        x, mean, inv_std, per_image, dy, kernels)
+    return (dx, _sum_to_shape(dshift[:, None], shift.shape).astype(shift.dtype),
+            _sum_to_shape(dscale[:, None], scale.shape).astype(scale.dtype))
   dy = dy.astype(jnp.float32)
   x_hat = (x.astype(jnp.float32) - mean) * inv_std
   dx_hat = dy * (1 + scale.astype(jnp.float32))
@@ -77,8 +99,12 @@ def layer_norm_modulate_autodiff(x, shift, scale, epsilon=EPSILON):
   return _forward(x, shift, scale, epsilon)[0]
 
 
-def _layer_norm_modulate(autodiff):
-  return layer_norm_modulate_autodiff if autodiff else layer_norm_modulate
+def _layer_norm_modulate(autodiff, kernels):
+  if autodiff:
+    return layer_norm_modulate_autodiff
+  if fused_backward.uses_pallas(kernels):
+    return lambda x, shift, scale: layer_norm_modulate(x, shift, scale, EPSILON, kernels)
+  return layer_norm_modulate
 
 
 class NormModulate(nn.Module):
@@ -87,20 +113,22 @@ class NormModulate(nn.Module):
   A module only to name its ops (norm1, norm2) in profiles.
   """
   autodiff: bool = False  # JAX's autodiff for the backward pass (to compare).
+  kernels: str = "xla"  # The backward pass's: fused_backward.KERNELS.
 
   @nn.compact
   def __call__(self, x, shift, scale):
-    return _layer_norm_modulate(self.autodiff)(x, shift, scale)
+    return _layer_norm_modulate(self.autodiff, self.kernels)(x, shift, scale)
 
 
 class LayerNorm(nn.Module):
   """flax.linen.LayerNorm (its parameters, `scale` and `bias`), with this backward pass."""
   dtype: Optional[Any] = None  # Of the output; None: x's and the parameters' promoted.
   autodiff: bool = False  # JAX's autodiff for the backward pass (to compare).
+  kernels: str = "xla"  # The backward pass's: fused_backward.KERNELS.
 
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
     bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-    y = _layer_norm_modulate(self.autodiff)(x, bias, scale - 1)
+    y = _layer_norm_modulate(self.autodiff, self.kernels)(x, bias, scale - 1)
     return y if self.dtype is None else y.astype(self.dtype)

@@ -44,7 +44,7 @@ RUN_FIELDS = ("mask_ratio", "mask_ratio_no_noise", "no_noise_prob", "noised_x0_l
 OLDER_RUNS = {"noised_x0_loss": True}
 # Inside those: other ways to compute the same function, training-only and sampler settings.
 MAY_DIFFER = ("model.remat_policy", "model.attention", "model.flat_dense",
-              "model.autodiff_backward", "model.dtype_mm",
+              "model.autodiff_backward", "model.backward_kernels", "model.dtype_mm",
               "model.dtype_activations",
               "diffusion.sampling_timesteps", "diffusion.eta", "diffusion.clip_x0")
 _UNSET = "<unset>"

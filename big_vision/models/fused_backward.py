@@ -1,0 +1,173 @@
+"""Pallas (Triton) kernels for two backward passes of the AdaLN block, each in one pass.
+
+On a GPU the elementwise work around the matmuls takes a third of UMD-B/4's step, in
+about 1,800 small fusions (docs/BENCHMARKS.md, the H200 profile). Two of its parts are
+reductions over the tokens that XLA runs as several kernels, writing transposed
+products before it reduces them:
+
+- the LayerNorm + modulation's backward (norm.py): dx needs two means over the features
+  of each token, d_shift and d_scale sums over the tokens of each image;
+- the gated residual x + gate * y (AdaLN-Zero's gate): d_gate is a sum over the tokens
+  of dout * y, and dy is dout * gate.
+
+Each kernel here reads its inputs once and writes dx (dy) and its sums over the tokens
+in the same pass. The program grid is (images, segments of `SEGMENT_ROWS` tokens); each
+program loops over its segment in chunks of rows (the features padded to a power of two,
+as Triton needs, and masked), and writes its partial sums, which XLA adds up over the
+segments. The forward passes stay XLA's.
+
+The model option `backward_kernels` picks them: "xla" (norm.py's backward, XLA's
+fusions), "pallas" (these kernels, compiled by Triton: an NVIDIA GPU), or
+"pallas_interpret" (the same kernels in Pallas's interpreter, on any device: to test
+them; slow). The kernels are not partitioned over devices: the model refuses them on
+more than one device (ae._resolve).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+KERNELS = ("xla", "pallas", "pallas_interpret")
+SEGMENT_ROWS = 32  # Tokens per program: more programs than images, to fill the GPU.
+_CHUNK_ELEMENTS = 8192  # Elements a program holds at once (rows x padded features).
+
+
+def uses_pallas(kernels):
+  return kernels in ("pallas", "pallas_interpret")
+
+
+def _layout(tokens, features):
+  """(padded features, rows per chunk, chunks per segment, segments, warps)."""
+  padded = pl.next_power_of_2(features)
+  rows = max(1, min(SEGMENT_ROWS, _CHUNK_ELEMENTS // padded))
+  segment = min(SEGMENT_ROWS, pl.next_power_of_2(tokens))
+  chunks = pl.cdiv(segment, rows)
+  return padded, rows, chunks, pl.cdiv(tokens, chunks * rows), 8 if padded >= 1024 else 4
+
+
+def _call(kernel, out_shape, grid, kernels, num_warps, name):
+  return pl.pallas_call(
+      kernel, out_shape=out_shape, grid=grid, interpret=kernels == "pallas_interpret",
+      compiler_params=pl_triton.CompilerParams(num_warps=num_warps), name=name)
+
+
+def _tile(b, segment, chunk, rows, chunks, tokens, columns, features):
+  """Row indices into [B*T, D] arrays, and the mask of real (token, feature) entries."""
+  t = (segment * chunks + chunk) * rows + jnp.arange(rows)
+  row_mask = t < tokens
+  return b * tokens + t, row_mask, row_mask[:, None] & (columns < features)[None, :]
+
+
+def _layer_norm_modulate_kernel(x_ref, dy_ref, mean_ref, inv_std_ref, scale_ref,
+                                dx_ref, dshift_ref, dscale_ref, *, tokens, features, rows,
+                                chunks, padded):
+  b, segment = pl.program_id(0), pl.program_id(1)
+  columns = jnp.arange(padded)
+  column_mask = columns < features
+  one_plus_scale = 1 + pl_triton.load(scale_ref.at[b, columns], mask=column_mask,
+                                      other=0.0).astype(jnp.float32)
+
+  def chunk_body(chunk, sums):
+    row, row_mask, mask = _tile(b, segment, chunk, rows, chunks, tokens, columns, features)
+    at = lambda ref: ref.at[row[:, None], columns[None, :]]
+    x = pl_triton.load(at(x_ref), mask=mask, other=0.0).astype(jnp.float32)
+    dy = pl_triton.load(at(dy_ref), mask=mask, other=0.0).astype(jnp.float32)
+    mean = pl_triton.load(mean_ref.at[row], mask=row_mask, other=0.0)[:, None]
+    inv_std = pl_triton.load(inv_std_ref.at[row], mask=row_mask, other=0.0)[:, None]
+    x_hat = jnp.where(mask, (x - mean) * inv_std, 0.0)
+    dx_hat = dy * one_plus_scale[None, :]
+    # norm.py's backward: the normalised gradient less its mean and its projection on
+    # x_hat, over the (real) features.
+    mean_dx_hat = dx_hat.sum(1, keepdims=True) / features
+    mean_projection = (dx_hat * x_hat).sum(1, keepdims=True) / features
+    dx = inv_std * (dx_hat - mean_dx_hat - x_hat * mean_projection)
+    pl_triton.store(at(dx_ref), dx.astype(dx_ref.dtype), mask=mask)
+    dshift, dscale = sums
+    return dshift + dy.sum(0), dscale + (dy * x_hat).sum(0)
+
+  zeros = jnp.zeros((padded,), jnp.float32)
+  dshift, dscale = jax.lax.fori_loop(0, chunks, chunk_body, (zeros, zeros))
+  out = b * pl.num_programs(1) + segment
+  pl_triton.store(dshift_ref.at[out, columns], dshift, mask=column_mask)
+  pl_triton.store(dscale_ref.at[out, columns], dscale, mask=column_mask)
+
+
+def layer_norm_modulate_backward(x, mean, inv_std, scale, dy, kernels):
+  """norm.py's backward in one pass: x, dy [B, T, D]; mean, inv_std [B, T, 1] (float32);
+  scale [B, D]. Returns dx [B, T, D] (x's dtype), d_shift and d_scale [B, D] (float32)."""
+  b, t, d = x.shape
+  padded, rows, chunks, segments, warps = _layout(t, d)
+  kernel = functools.partial(_layer_norm_modulate_kernel, tokens=t, features=d, rows=rows,
+                             chunks=chunks, padded=padded)
+  sums = jax.ShapeDtypeStruct((b * segments, d), jnp.float32)
+  dx, dshift, dscale = _call(
+      kernel, (jax.ShapeDtypeStruct((b * t, d), x.dtype), sums, sums), (b, segments),
+      kernels, warps, "layer_norm_modulate_backward")(
+          x.reshape(b * t, d), dy.reshape(b * t, d), mean.reshape(b * t),
+          inv_std.reshape(b * t), scale.astype(jnp.float32))
+  total = lambda s: s.reshape(b, segments, d).sum(1)
+  return dx.reshape(b, t, d), total(dshift), total(dscale)
+
+
+def _gate_kernel(dout_ref, y_ref, gate_ref, dy_ref, dgate_ref, *, tokens, features, rows,
+                 chunks, padded):
+  b, segment = pl.program_id(0), pl.program_id(1)
+  columns = jnp.arange(padded)
+  column_mask = columns < features
+  gate = pl_triton.load(gate_ref.at[b, columns], mask=column_mask,
+                        other=0.0).astype(jnp.float32)
+
+  def chunk_body(chunk, dgate):
+    row, _, mask = _tile(b, segment, chunk, rows, chunks, tokens, columns, features)
+    at = lambda ref: ref.at[row[:, None], columns[None, :]]
+    dout = pl_triton.load(at(dout_ref), mask=mask, other=0.0).astype(jnp.float32)
+    y = pl_triton.load(at(y_ref), mask=mask, other=0.0).astype(jnp.float32)
+    pl_triton.store(at(dy_ref), (dout * gate[None, :]).astype(dy_ref.dtype), mask=mask)
+    return dgate + (dout * y).sum(0)
+
+  dgate = jax.lax.fori_loop(0, chunks, chunk_body, jnp.zeros((padded,), jnp.float32))
+  pl_triton.store(dgate_ref.at[b * pl.num_programs(1) + segment, columns], dgate,
+                  mask=column_mask)
+
+
+def gated_residual_backward(dout, y, gate, kernels):
+  """The backward pass of x + gate * y with y [B, T, D], gate [B, D], in one pass:
+  dy = dout * gate ([B, T, D], y's dtype), d_gate = sum over tokens of dout * y ([B, D],
+  float32). (d_x is dout.)"""
+  b, t, d = y.shape
+  padded, rows, chunks, segments, warps = _layout(t, d)
+  kernel = functools.partial(_gate_kernel, tokens=t, features=d, rows=rows, chunks=chunks,
+                             padded=padded)
+  dy, dgate = _call(
+      kernel, (jax.ShapeDtypeStruct((b * t, d), y.dtype),
+               jax.ShapeDtypeStruct((b * segments, d), jnp.float32)),
+      (b, segments), kernels, warps, "gated_residual_backward")(
+          dout.reshape(b * t, d), y.reshape(b * t, d), gate)
+  return dy.reshape(b, t, d), dgate.reshape(b, segments, d).sum(1)
+
+
+def gated_residual(x, gate, y, kernels):
+  """x + gate * y (AdaLN-Zero's gated residual): x, y [B, T, D], gate [B, 1, D]; with
+  the kernels' backward pass."""
+  return _gated_residual(x, gate, y, kernels, jnp.dtype(x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gated_residual(x, gate, y, kernels, x_dtype):
+  del kernels, x_dtype  # Of the backward pass.
+  return x + gate * y
+
+
+def _gated_residual_forward(x, gate, y, kernels, x_dtype):
+  return _gated_residual(x, gate, y, kernels, x_dtype), (gate, y)
+
+
+def _gated_residual_backward(kernels, x_dtype, residuals, dout):
+  gate, y = residuals
+  dy, dgate = gated_residual_backward(dout, y, gate[:, 0], kernels)
+  return dout.astype(x_dtype), dgate[:, None, :].astype(gate.dtype), dy
+
+
+_gated_residual.defvjp(_gated_residual_forward, _gated_residual_backward)

@@ -1,0 +1,141 @@
+"""The Pallas kernels of fused_backward.py against norm.py's backward and plain autodiff:
+in Pallas's interpreter on any device, lowered to Triton for a GPU without one, and
+compiled on a GPU where there is one."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from big_vision.config_parsing import ConfigError
+from big_vision.models import ae
+from big_vision.models import fused_backward
+from big_vision.models import norm
+from tests import test_models
+from tests import test_norm
+
+ON_GPU = jax.devices()[0].platform == "gpu"
+
+
+def _tokens(shape, dtype, seed):
+  return (2 * jax.random.normal(jax.random.PRNGKey(seed), shape) + 0.5).astype(dtype)
+
+
+# Token counts and widths that are not powers of two or multiples of a segment: the
+# kernels pad the features and mask the last chunk and segment.
+SHAPES = [(3, 17, 64), (2, 68, 96), (2, 41, 192)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_modulate_kernel_matches_norm_backward(shape, dtype):
+  b, t, d = shape
+  x, dy = _tokens(shape, dtype, 0), _tokens(shape, dtype, 1)
+  scale = 0.3 * jax.random.normal(jax.random.PRNGKey(2), (b, d))
+  mean, inv_std = norm._statistics(x.astype(jnp.float32), norm.EPSILON)
+  dx, dshift, dscale = fused_backward.layer_norm_modulate_backward(
+      x, mean, inv_std, scale, dy, "pallas_interpret")
+  # norm.py's backward with XLA's fusions, per-image shift and scale.
+  want_dx, want_dshift, want_dscale = norm._backward(
+      norm.EPSILON, "xla", (x, mean, inv_std, scale[:, None], scale[:, None]), dy)
+  assert dx.dtype == dtype and dshift.dtype == dscale.dtype == jnp.float32
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(np.float32(dx), np.float32(want_dx), **tol)
+  np.testing.assert_allclose(dshift, want_dshift[:, 0], rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(dscale, want_dscale[:, 0], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gate_kernel_matches_autodiff(shape):
+  b, _, d = shape
+  x, y, dout = (_tokens(shape, jnp.float32, seed) for seed in (0, 1, 2))
+  gate = jax.random.normal(jax.random.PRNGKey(3), (b, 1, d))
+  want = jax.vjp(lambda *a: a[0] + a[1] * a[2], x, gate, y)[1](dout)
+  got = jax.vjp(lambda *a: fused_backward.gated_residual(*a, "pallas_interpret"),
+                x, gate, y)[1](dout)
+  for name, w, g in zip(("x", "gate", "y"), want, got):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+# AdaLN's per-image shift and scale, the plain LayerNorm's shared ones (summed over the
+# images after the kernel), and per-token ones, which the kernel does not take (XLA's).
+@pytest.mark.parametrize("shift_shape", [(3, 1, 16), (16,), (3, 7, 16)])
+def test_layer_norm_modulate_with_kernels_has_xlas_gradients(shift_shape):
+  x, shift, scale, weights = test_norm._inputs(shift_shape)
+  fn = lambda kernels: lambda *a: norm.layer_norm_modulate(*a, norm.EPSILON, kernels)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)) * weights)
+  want, got = (jax.grad(loss(fn(k)), argnums=(0, 1, 2))(x, shift, scale)
+               for k in ("xla", "pallas_interpret"))
+  for name, w, g in zip(("x", "shift", "scale"), want, got):
+    assert g.shape == w.shape, name
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(adaln=True),
+    dict(adaln=False),  # The plain LayerNorms (parameters shared over the images).
+    dict(adaln=True, scan=True, remat_policy="nothing_saveable"),
+])
+def test_model_with_pallas_kernels_has_the_same_loss_and_gradients(kw):
+  """backward_kernels="pallas_interpret": the model's loss and every parameter's
+  gradient are those of the default backward passes, to float32 rounding."""
+  kw = dict(variant="Mu/4", image_size=16, decoder_depth=1, **kw)
+  models = [ae.build_model(dict(kw, backward_kernels=k)) for k in ("xla", "pallas_interpret")]
+  x, t = test_models._images(), jnp.array([0, 10, 999])
+  params = test_models._perturbed(models[0].init(test_models.RNGS, x, t)["params"])
+  (l1, g1), (l2, g2) = (jax.jit(lambda p, m=m: test_models._masked_loss_and_grads(m, p, x, t))(
+      params) for m in models)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                         g1, g2)
+
+
+@pytest.mark.parametrize("width,tokens", [(768, 68), (768, 164), (384, 260)])
+def test_kernels_lower_to_triton_for_a_gpu(width, tokens):
+  """UMD-B/4's shapes at 64x64 (encoder rows with 25% and 62.5% of the patches, decoder)
+  lower to Triton kernels for a GPU, on this machine: Triton's constraints (power-of-two
+  blocks, the ops it supports) are checked here; only PTX compilation needs the GPU."""
+  x = jax.ShapeDtypeStruct((128, tokens, width), jnp.bfloat16)
+  stats = jax.ShapeDtypeStruct((128, tokens, 1), jnp.float32)
+  per_image = jax.ShapeDtypeStruct((128, width), jnp.bfloat16)
+  for fn, args in (
+      (fused_backward.layer_norm_modulate_backward, (x, stats, stats, per_image, x)),
+      (fused_backward.gated_residual_backward, (x, x, per_image))):
+    lowered = jax.jit(lambda *a, fn=fn: fn(*a, "pallas")).trace(*args).lower(
+        lowering_platforms=("cuda",))
+    assert lowered.as_text().count("triton") >= 1
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(backward_kernels="cuda"), "unknown backward_kernels 'cuda'; known: xla, pallas"),
+    (dict(backward_kernels="pallas_interpret", autodiff_backward=True), "set one of them"),
+])
+def test_bad_backward_kernels(kw, match):
+  with pytest.raises(ConfigError, match=match):
+    ae.build_model(dict(variant="Mu/4", image_size=16, **kw))
+
+
+@pytest.mark.skipif(ON_GPU, reason="this process runs on a GPU")
+def test_pallas_off_gpu_is_a_clear_error():
+  with pytest.raises(ConfigError, match="compiles Triton kernels for an NVIDIA GPU"):
+    ae.build_model(dict(variant="Mu/4", image_size=16, backward_kernels="pallas"))
+
+
+def test_pallas_on_several_devices_is_a_clear_error(monkeypatch):
+  monkeypatch.setattr(jax, "device_count", lambda: 8)
+  with pytest.raises(ConfigError, match="runs on one device.*8 devices"):
+    ae.build_model(dict(variant="Mu/4", image_size=16, backward_kernels="pallas_interpret"))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the compiled Triton kernels need an NVIDIA GPU")
+def test_pallas_kernels_match_xla_on_gpu():
+  """Compiled by Triton: the same loss and gradients as XLA's fusions, in bfloat16."""
+  kw = dict(variant="Mu/4", image_size=16, dtype_mm="bfloat16", dtype_activations="bfloat16")
+  models = [ae.build_model(dict(kw, backward_kernels=k)) for k in ("xla", "pallas")]
+  x, t = test_models._images(b=4), jnp.array([0, 10, 500, 999])
+  params = test_models._perturbed(models[0].init(test_models.RNGS, x, t)["params"])
+  (la, ga), (lb, gb) = (jax.jit(lambda p, m=m: test_models._masked_loss_and_grads(m, p, x, t))(
+      params) for m in models)
+  np.testing.assert_allclose(la, lb, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+    assert np.linalg.norm(np.float32(a - b)) <= 0.02 * np.linalg.norm(np.float32(a)) + 1e-6
