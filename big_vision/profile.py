@@ -37,7 +37,10 @@ _CATEGORY_PATTERNS = (
     ("matmul", re.compile(r"gemm|cublas|nvjet|xmma|cutlass|dot|conv(?!ert)|matmul|"
                           r"ynn_fusion|xnn_fusion|onednn", re.I)),
     ("copy", re.compile(r"^(copy|transpose)", re.I)),
-    ("elementwise", re.compile(r"fusion", re.I)),
+    # fused_backward.py's Pallas kernels (backward_kernels=pallas) do elementwise work
+    # that XLA's fusions did otherwise.
+    ("elementwise", re.compile(r"fusion|layer_norm_modulate_backward|gated_residual_backward",
+                               re.I)),
 )
 # Lines of a trace that carry XLA ops: a GPU's "XLA Ops"; XLA:CPU's worker threads.
 _CPU_OP_LINES = re.compile(r"^tf_XLA")

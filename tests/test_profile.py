@@ -86,6 +86,7 @@ def test_profile_by_module():
     ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64", "attention"),
     ("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)", "attention"),
     ("input_add_reduce_fusion_85", "elementwise"),
+    ("layer_norm_modulate_backward", "elementwise"),  # backward_kernels=pallas.
 ])
 def test_categorise(name, category):
   assert profile.categorise(name) == category
