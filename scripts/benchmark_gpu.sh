@@ -19,7 +19,9 @@
 # attention core, GELU, the LayerNorms' statistics and AdamW, each replaced by a cheap
 # stand-in), pallas, b512_pallas and b1024_pallas (cudnn_bf16 with backward_kernels=pallas:
 # the LayerNorms' and gated residuals' backward passes as Pallas kernels; compare with
-# cudnn_bf16, b512, b1024). Default: the first four; table prints only the table.
+# cudnn_bf16, b512, b1024), triton_any (cudnn_bf16 with XLA's Triton GEMMs for every matmul,
+# --xla_gpu_triton_gemm_any: can they take the elementwise work around them?). Default: the
+# first four; table prints only the table.
 # Each writes OUT_DIR/NAME.json and its log to LOG_DIR/NAME.log (default OUT_DIR); a
 # table of all of them is printed last.
 # Synthetic batches: imagenet2012 need not be prepared (the input figure is then skipped).
@@ -98,11 +100,13 @@ for v in "${variants[@]}"; do
     b1024_pallas) bench b1024_pallas \
         ",attention=cudnn,dtype_activations=bfloat16,backward_kernels=pallas,batch_size=1024" \
         --sampling=false ;;
+    triton_any) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_triton_gemm_any=true" \
+        bench triton_any ",attention=cudnn,dtype_activations=bfloat16" --sampling=false ;;
     table) ;;  # Only the table of what OUT_DIR holds.
     *) echo "unknown variant $v; known: xla cudnn cudnn_bf16 xla_bf16 profile cublaslt" \
          "notriton b512 b1024 b512_cublaslt elementwise b512_elementwise" \
          "b1024_elementwise autodiff nn_dense compare ablate pallas b512_pallas" \
-         "b1024_pallas table" >&2; exit 2 ;;
+         "b1024_pallas triton_any table" >&2; exit 2 ;;
   esac
 done
 
