@@ -19,7 +19,7 @@
 # attention core, GELU, the LayerNorms' statistics and AdamW, each replaced by a cheap
 # stand-in), pallas, b512_pallas and b1024_pallas (cudnn_bf16 with backward_kernels=pallas:
 # the LayerNorms' and gated residuals' backward passes as Pallas kernels; compare with
-# cudnn_bf16, b512, b1024), triton_any (cudnn_bf16 with XLA's Triton GEMMs for every matmul,
+# cudnn_bf16, b512, b1024), profile_pallas (pallas with a profile of 3 steps), triton_any (cudnn_bf16 with XLA's Triton GEMMs for every matmul,
 # --xla_gpu_triton_gemm_any: can they take the elementwise work around them?). Default: the
 # first four; table prints only the table.
 # Each writes OUT_DIR/NAME.json and its log to LOG_DIR/NAME.log (default OUT_DIR); a
@@ -94,6 +94,9 @@ for v in "${variants[@]}"; do
         --ablate ;;
     pallas) bench pallas ",attention=cudnn,dtype_activations=bfloat16,backward_kernels=pallas" \
         --sampling=false ;;
+    profile_pallas) bench profile_pallas \
+        ",attention=cudnn,dtype_activations=bfloat16,backward_kernels=pallas" --sampling=false \
+        --profile_steps 3 ;;
     b512_pallas) bench b512_pallas \
         ",attention=cudnn,dtype_activations=bfloat16,backward_kernels=pallas,batch_size=512" \
         --sampling=false ;;
@@ -106,7 +109,7 @@ for v in "${variants[@]}"; do
     *) echo "unknown variant $v; known: xla cudnn cudnn_bf16 xla_bf16 profile cublaslt" \
          "notriton b512 b1024 b512_cublaslt elementwise b512_elementwise" \
          "b1024_elementwise autodiff nn_dense compare ablate pallas b512_pallas" \
-         "b1024_pallas triton_any table" >&2; exit 2 ;;
+         "b1024_pallas profile_pallas triton_any table" >&2; exit 2 ;;
   esac
 done
 
