@@ -11,18 +11,23 @@ products before it reduces them:
   of dout * y, and dy is dout * gate.
 
 Each kernel here reads its inputs once and writes dx (dy) and its sums over the tokens
-in the same pass. The program grid is (images, segments of `SEGMENT_ROWS` tokens); each
-program loops over its segment in chunks of rows (the features padded to a power of two,
-as Triton needs, and masked), and writes its partial sums, which XLA adds up over the
-segments. The forward passes stay XLA's.
+in the same pass. The program grid is (images, segments of at most `SEGMENT_ROWS` tokens);
+each program loops over its segment in chunks of rows (the features padded to a power of
+two, as Triton needs, and masked), and writes its partial sums, which XLA adds up over
+the segments. The forward passes stay XLA's. Other shapes (not [B, T, D] tokens with
+per-image or shared shift, scale and gate; 2^31 elements or more, past Triton's 32-bit
+offsets) take XLA's path.
 
 The model option `backward_kernels` picks them: "xla" (norm.py's backward, XLA's
 fusions), "pallas" (these kernels, compiled by Triton: an NVIDIA GPU), or
 "pallas_interpret" (the same kernels in Pallas's interpreter, on any device: to test
 them; slow). The kernels are not partitioned over devices: the model refuses them on
-more than one device (ae._resolve).
+more than one device (ae._resolve). Not timed on a GPU yet (docs/BENCHMARKS.md). JAX
+0.11's Pallas deprecates its Triton backend for Mosaic GPU: these kernels are its
+first candidates to port once they have shown what a one-pass backward gains.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,21 +35,36 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 KERNELS = ("xla", "pallas", "pallas_interpret")
-SEGMENT_ROWS = 32  # Tokens per program: more programs than images, to fill the GPU.
-_CHUNK_ELEMENTS = 8192  # Elements a program holds at once (rows x padded features).
+SEGMENT_ROWS = 32  # At most this many tokens a program: more programs than images.
+# Elements of each array a program holds at once (rows x padded features): 16 float32 a
+# thread with 8 warps, so that the half-dozen arrays alive in a chunk fit the registers.
+_CHUNK_ELEMENTS = 4096
 
 
 def uses_pallas(kernels):
   return kernels in ("pallas", "pallas_interpret")
 
 
+def takes(x_shape, *per_image_shapes):
+  """Whether the kernels take tokens x [B, T, D] with these shifts, scales or gates:
+  each broadcasting to x as [B, 1, D] does, and under 2^31 elements (32-bit offsets)."""
+  if len(x_shape) != 3 or math.prod(x_shape) >= 2**31:
+    return False
+  b, _, d = x_shape
+  try:
+    return all(jnp.broadcast_shapes(s, (b, 1, d)) == (b, 1, d) for s in per_image_shapes)
+  except ValueError:
+    return False
+
+
 def _layout(tokens, features):
-  """(padded features, rows per chunk, chunks per segment, segments, warps)."""
+  """(padded features, rows per chunk, chunks per segment, segments, warps): segments of
+  near-equal size, at most SEGMENT_ROWS tokens each."""
   padded = pl.next_power_of_2(features)
   rows = max(1, min(SEGMENT_ROWS, _CHUNK_ELEMENTS // padded))
-  segment = min(SEGMENT_ROWS, pl.next_power_of_2(tokens))
-  chunks = pl.cdiv(segment, rows)
-  return padded, rows, chunks, pl.cdiv(tokens, chunks * rows), 8 if padded >= 1024 else 4
+  chunks = pl.cdiv(pl.cdiv(tokens, pl.cdiv(tokens, SEGMENT_ROWS)), rows)
+  warps = max(1, min(8, rows * padded // 512))
+  return padded, rows, chunks, pl.cdiv(tokens, chunks * rows), warps
 
 
 def _call(kernel, out_shape, grid, kernels, num_warps, name):
@@ -149,8 +169,10 @@ def gated_residual_backward(dout, y, gate, kernels):
 
 
 def gated_residual(x, gate, y, kernels):
-  """x + gate * y (AdaLN-Zero's gated residual): x, y [B, T, D], gate [B, 1, D]; with
-  the kernels' backward pass."""
+  """x + gate * y (AdaLN-Zero's gated residual) with the kernels' backward pass, for x, y
+  [B, T, D] and gate [B, 1, D]; other shapes with autodiff's."""
+  if x.shape != y.shape or not takes(y.shape) or gate.shape != (y.shape[0], 1, y.shape[2]):
+    return x + gate * y
   return _gated_residual(x, gate, y, kernels, jnp.dtype(x.dtype))
 
 

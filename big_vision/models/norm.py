@@ -60,20 +60,11 @@ def _forward(x, shift, scale, epsilon, kernels="xla"):
   return y.astype(jnp.result_type(x, shift, scale)), (x, mean, inv_std, shift, scale)
 
 
-def _per_image(shape, x_shape):
-  """Whether an array of `shape` broadcasts to x [B, T, D] as [B, 1, D] does."""
-  b, _, d = x_shape
-  try:
-    return jnp.broadcast_shapes(shape, (b, 1, d)) == (b, 1, d)
-  except ValueError:
-    return False
-
-
 def _backward(epsilon, kernels, residuals, dy):
   del epsilon  # In inv_std already.
   x, mean, inv_std, shift, scale = residuals
-  if (fused_backward.uses_pallas(kernels) and x.ndim == 3 and _per_image(shift.shape, x.shape)
-      and _per_image(scale.shape, x.shape)):
+  if fused_backward.uses_pallas(kernels) and fused_backward.takes(x.shape, shift.shape,
+                                                                   scale.shape):
     per_image = jnp.broadcast_to(scale, (x.shape[0], 1, x.shape[2]))[:, 0]
     dx, dshift, dscale = fused_backward.layer_norm_modulate_backward(
         x, mean, inv_std, per_image, dy, kernels)
