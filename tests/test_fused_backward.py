@@ -28,16 +28,19 @@ SHAPES = [(3, 17, 64), (2, 41, 192), (2, 68, 768), (1, 100, 384)]
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_layer_norm_modulate_kernel_matches_norm_backward(shape, dtype):
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_layer_norm_modulate_kernel_matches_norm_backward(shape, dtype, with_residual):
   b, t, d = shape
   x, dy = _tokens(shape, dtype, 0), _tokens(shape, dtype, 1)
+  dx_residual = _tokens(shape, dtype, 3) if with_residual else None
   scale = 0.3 * jax.random.normal(jax.random.PRNGKey(2), (b, d))
   mean, inv_std = norm._statistics(x.astype(jnp.float32), norm.EPSILON)
   dx, dshift, dscale = fused_backward.layer_norm_modulate_backward(
-      x, mean, inv_std, scale, dy, "pallas_interpret")
+      x, mean, inv_std, scale, dy, "pallas_interpret", dx_residual)
   # norm.py's backward with XLA's fusions, per-image shift and scale.
   want_dx, want_dshift, want_dscale = norm._backward(
-      norm.EPSILON, "xla", (x, mean, inv_std, scale[:, None], scale[:, None]), dy)
+      norm.EPSILON, "xla", (x, mean, inv_std, scale[:, None], scale[:, None]), dy,
+      dx_residual)
   assert dx.dtype == dtype and dshift.dtype == dscale.dtype == jnp.float32
   tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
   np.testing.assert_allclose(np.float32(dx), np.float32(want_dx), **tol)
@@ -99,10 +102,26 @@ def test_layer_norm_modulate_with_kernels_has_xlas_gradients(shift_shape):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("kernels", ["xla", "pallas_interpret"])
+def test_layer_norm_modulate_and_x_adds_both_gradients_of_x(kernels):
+  """x + sin(norm(x)) through layer_norm_modulate_and_x: the gradients of autodiff."""
+  x, shift, scale, weights = test_norm._inputs((3, 1, 16))
+  def loss(x, shift, scale):
+    y, x_again = norm.layer_norm_modulate_and_x(x, shift, scale, norm.EPSILON, kernels)
+    return jnp.sum((x_again + jnp.sin(y)) * weights)
+  reference = lambda x, shift, scale: jnp.sum(
+      (x + jnp.sin(test_norm._reference(x, shift, scale))) * weights)
+  want, got = (jax.grad(f, argnums=(0, 1, 2))(x, shift, scale) for f in (reference, loss))
+  for name, w, g in zip(("x", "shift", "scale"), want, got):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("kw", [
     dict(adaln=True),
     dict(adaln=False),  # The plain LayerNorms (parameters shared over the images).
     dict(adaln=True, scan=True, remat_policy="nothing_saveable"),
+    # DiffMAE's decoder: self- and cross-attention, each with its norm and residual.
+    dict(adaln=False, decoder_queries="noised_patches", decoder_attention="cross_self"),
 ])
 def test_model_with_pallas_kernels_has_the_same_loss_and_gradients(kw, monkeypatch):
   """backward_kernels="pallas_interpret": the model's loss and every parameter's
@@ -130,11 +149,12 @@ def test_kernels_lower_to_triton_for_a_gpu(width, tokens):
   x = jax.ShapeDtypeStruct((128, tokens, width), jnp.bfloat16)
   stats = jax.ShapeDtypeStruct((128, tokens, 1), jnp.float32)
   per_image = jax.ShapeDtypeStruct((128, width), jnp.bfloat16)
+  norm_backward = fused_backward.layer_norm_modulate_backward
   for fn, args in (
-      (fused_backward.layer_norm_modulate_backward, (x, stats, stats, per_image, x)),
-      (fused_backward.gated_residual_backward, (x, x, per_image))):
-    lowered = jax.jit(lambda *a, fn=fn: fn(*a, "pallas")).trace(*args).lower(
-        lowering_platforms=("cuda",))
+      (lambda *a: norm_backward(*a, "pallas"), (x, stats, stats, per_image, x)),
+      (lambda *a: norm_backward(*a[:5], "pallas", a[5]), (x, stats, stats, per_image, x, x)),
+      (lambda *a: fused_backward.gated_residual_backward(*a, "pallas"), (x, x, per_image))):
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("custom_call @__gpu$xla.gpu.triton") == 1
 
 

@@ -265,28 +265,37 @@ class Block(nn.Module):
                      name="attn")
     mlp = Mlp(self.mlp_dim, self.dtype, self.flat_dense, self.recompute_elementwise,
               autodiff, name="mlp")
-    layer_norm = lambda name: norm.LayerNorm(self.act_dtype, autodiff, kernels, name=name)
-    norm_modulate = lambda name: norm.NormModulate(autodiff, kernels, name=name)
-    if fused_backward.uses_pallas(kernels):
-      gated = lambda x, gate, y: fused_backward.gated_residual(x, gate, y, kernels)
-    else:
-      gated = lambda x, gate, y: x + gate * y
+    # With the Pallas kernels x reaches each residual add through its norm, whose backward
+    # pass then adds x's two gradients in its one pass (norm.layer_norm_modulate_and_x).
+    fused = fused_backward.uses_pallas(kernels)
+    layer_norm = lambda name: norm.LayerNorm(self.act_dtype, autodiff, kernels, fused,
+                                             name=name)
+    norm_modulate = lambda name: norm.NormModulate(autodiff, kernels, fused, name=name)
+
+    def residual(x, normed, branch, gate=None):
+      """x + branch(normed x), or x + gate * branch(normed x) (AdaLN-Zero)."""
+      h, x = normed if fused else (normed, x)
+      y = branch(h)
+      if gate is None:
+        return x + y
+      return fused_backward.gated_residual(x, gate, y, kernels) if fused else x + gate * y
+
     if self.layout != "self":  # Additive conditioning only (checked by _resolve).
       if self.layout == "cross_self":
-        x = x + attn(layer_norm("norm1")(x))
+        x = residual(x, layer_norm("norm1")(x), attn)
       cross = CrossAttention(self.num_heads, self.dtype, self.attention, self.flat_dense,
                              autodiff, name="cross_attn")
-      x = x + cross(layer_norm("cross_norm")(x), context)
-      x = x + mlp(layer_norm("norm2")(x))
+      x = residual(x, layer_norm("cross_norm")(x), lambda h: cross(h, context))
+      x = residual(x, layer_norm("norm2")(x), mlp)
     elif self.adaln:
       mod = nn.Dense(6 * d, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                      name="adaln_modulation")(nn.silu(cond))
       shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
-      x = gated(x, gate1, attn(norm_modulate("norm1")(x, shift1, scale1)))
-      x = gated(x, gate2, mlp(norm_modulate("norm2")(x, shift2, scale2)))
+      x = residual(x, norm_modulate("norm1")(x, shift1, scale1), attn, gate1)
+      x = residual(x, norm_modulate("norm2")(x, shift2, scale2), mlp, gate2)
     else:
-      x = x + attn(layer_norm("norm1")(x))
-      x = x + mlp(layer_norm("norm2")(x))
+      x = residual(x, layer_norm("norm1")(x), attn)
+      x = residual(x, layer_norm("norm2")(x), mlp)
     return x.astype(self.act_dtype), None
 
 

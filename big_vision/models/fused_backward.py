@@ -80,9 +80,13 @@ def _tile(b, segment, chunk, rows, chunks, tokens, columns, features):
   return b * tokens + t, row_mask, row_mask[:, None] & (columns < features)[None, :]
 
 
-def _layer_norm_modulate_kernel(x_ref, dy_ref, mean_ref, inv_std_ref, scale_ref,
-                                dx_ref, dshift_ref, dscale_ref, *, tokens, features, rows,
-                                chunks, padded):
+def _layer_norm_modulate_kernel(*refs, tokens, features, rows, chunks, padded,
+                                with_residual):
+  if with_residual:
+    (x_ref, dy_ref, dres_ref, mean_ref, inv_std_ref, scale_ref,
+     dx_ref, dshift_ref, dscale_ref) = refs
+  else:
+    x_ref, dy_ref, mean_ref, inv_std_ref, scale_ref, dx_ref, dshift_ref, dscale_ref = refs
   b, segment = pl.program_id(0), pl.program_id(1)
   columns = jnp.arange(padded)
   column_mask = columns < features
@@ -103,6 +107,8 @@ def _layer_norm_modulate_kernel(x_ref, dy_ref, mean_ref, inv_std_ref, scale_ref,
     mean_dx_hat = dx_hat.sum(1, keepdims=True) / features
     mean_projection = (dx_hat * x_hat).sum(1, keepdims=True) / features
     dx = inv_std * (dx_hat - mean_dx_hat - x_hat * mean_projection)
+    if with_residual:  # x's other gradient, through the residual.
+      dx += pl_triton.load(at(dres_ref), mask=mask, other=0.0).astype(jnp.float32)
     pl_triton.store(at(dx_ref), dx.astype(dx_ref.dtype), mask=mask)
     dshift, dscale = sums
     return dshift + dy.sum(0), dscale + (dy * x_hat).sum(0)
@@ -114,18 +120,21 @@ def _layer_norm_modulate_kernel(x_ref, dy_ref, mean_ref, inv_std_ref, scale_ref,
   pl_triton.store(dscale_ref.at[out, columns], dscale, mask=column_mask)
 
 
-def layer_norm_modulate_backward(x, mean, inv_std, scale, dy, kernels):
+def layer_norm_modulate_backward(x, mean, inv_std, scale, dy, kernels, dx_residual=None):
   """norm.py's backward in one pass: x, dy [B, T, D]; mean, inv_std [B, T, 1] (float32);
-  scale [B, D]. Returns dx [B, T, D] (x's dtype), d_shift and d_scale [B, D] (float32)."""
+  scale [B, D]; dx_residual: x's gradient from elsewhere (the residual), added to dx in
+  the same pass. Returns dx [B, T, D] (x's dtype), d_shift and d_scale [B, D] (float32)."""
   b, t, d = x.shape
   padded, rows, chunks, segments, warps = _layout(t, d)
+  with_residual = dx_residual is not None
   kernel = functools.partial(_layer_norm_modulate_kernel, tokens=t, features=d, rows=rows,
-                             chunks=chunks, padded=padded)
+                             chunks=chunks, padded=padded, with_residual=with_residual)
   sums = jax.ShapeDtypeStruct((b * segments, d), jnp.float32)
+  tokens = [x, dy] + ([dx_residual] if with_residual else [])
   dx, dshift, dscale = _call(
       kernel, (jax.ShapeDtypeStruct((b * t, d), x.dtype), sums, sums), (b, segments),
       kernels, warps, "layer_norm_modulate_backward")(
-          x.reshape(b * t, d), dy.reshape(b * t, d), mean.reshape(b * t),
+          *(a.reshape(b * t, d) for a in tokens), mean.reshape(b * t),
           inv_std.reshape(b * t), scale.astype(jnp.float32))
   total = lambda s: s.reshape(b, segments, d).sum(1)
   return dx.reshape(b, t, d), total(dshift), total(dscale)

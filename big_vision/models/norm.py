@@ -60,14 +60,15 @@ def _forward(x, shift, scale, epsilon, kernels="xla"):
   return y.astype(jnp.result_type(x, shift, scale)), (x, mean, inv_std, shift, scale)
 
 
-def _backward(epsilon, kernels, residuals, dy):
+def _backward(epsilon, kernels, residuals, dy, dx_residual=None):
+  """The gradients of x, shift and scale; dx_residual: x's gradient from elsewhere, added."""
   del epsilon  # In inv_std already.
   x, mean, inv_std, shift, scale = residuals
   if fused_backward.uses_pallas(kernels) and fused_backward.takes(x.shape, shift.shape,
                                                                    scale.shape):
     per_image = jnp.broadcast_to(scale, (x.shape[0], 1, x.shape[2]))[:, 0]
     dx, dshift, dscale = fused_backward.layer_norm_modulate_backward(
-        x, mean, inv_std, per_image, dy, kernels)
+        x, mean, inv_std, per_image, dy, kernels, dx_residual)
     return (dx, _sum_to_shape(dshift[:, None], shift.shape).astype(shift.dtype),
             _sum_to_shape(dscale[:, None], scale.shape).astype(scale.dtype))
   dy = dy.astype(jnp.float32)
@@ -77,11 +78,34 @@ def _backward(epsilon, kernels, residuals, dy):
   # projection on x_hat (both over the last axis).
   dx = inv_std * (dx_hat - dx_hat.mean(-1, keepdims=True)
                   - x_hat * (dx_hat * x_hat).mean(-1, keepdims=True))
+  if dx_residual is not None:
+    dx += dx_residual.astype(jnp.float32)
   return (dx.astype(x.dtype), _sum_to_shape(dy, shift.shape).astype(shift.dtype),
           _sum_to_shape(dy * x_hat, scale.shape).astype(scale.dtype))
 
 
 layer_norm_modulate.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm_modulate_and_x(x, shift, scale, epsilon=EPSILON, kernels="xla"):
+  """(layer_norm_modulate(x, shift, scale), x): x passed through, for a residual branch
+  x + f(norm(x)) to add to. The backward pass gets both of x's gradients and adds them
+  where it computes the norm's: in the Pallas kernel, in the same pass."""
+  return _forward(x, shift, scale, epsilon)[0], x
+
+
+def _forward_and_x(x, shift, scale, epsilon, kernels):
+  y, residuals = _forward(x, shift, scale, epsilon, kernels)
+  return (y, x), residuals
+
+
+def _backward_and_x(epsilon, kernels, residuals, cotangents):
+  dy, dx_residual = cotangents
+  return _backward(epsilon, kernels, residuals, dy, dx_residual)
+
+
+layer_norm_modulate_and_x.defvjp(_forward_and_x, _backward_and_x)
 
 
 def layer_norm_modulate_autodiff(x, shift, scale, epsilon=EPSILON):
@@ -90,9 +114,13 @@ def layer_norm_modulate_autodiff(x, shift, scale, epsilon=EPSILON):
   return _forward(x, shift, scale, epsilon)[0]
 
 
-def _layer_norm_modulate(autodiff, kernels):
+def _layer_norm_modulate(autodiff, kernels, and_x):
+  """The function (x, shift, scale) -> y, or -> (y, x) with and_x."""
   if autodiff:
-    return layer_norm_modulate_autodiff
+    fn = layer_norm_modulate_autodiff
+    return (lambda *a: (fn(*a), a[0])) if and_x else fn
+  if and_x:
+    return lambda x, shift, scale: layer_norm_modulate_and_x(x, shift, scale, EPSILON, kernels)
   if fused_backward.uses_pallas(kernels):
     return lambda x, shift, scale: layer_norm_modulate(x, shift, scale, EPSILON, kernels)
   return layer_norm_modulate
@@ -105,10 +133,11 @@ class NormModulate(nn.Module):
   """
   autodiff: bool = False  # JAX's autodiff for the backward pass (to compare).
   kernels: str = "xla"  # The backward pass's: fused_backward.KERNELS.
+  and_x: bool = False  # Return (y, x), x for the residual (layer_norm_modulate_and_x).
 
   @nn.compact
   def __call__(self, x, shift, scale):
-    return _layer_norm_modulate(self.autodiff, self.kernels)(x, shift, scale)
+    return _layer_norm_modulate(self.autodiff, self.kernels, self.and_x)(x, shift, scale)
 
 
 class LayerNorm(nn.Module):
@@ -116,10 +145,13 @@ class LayerNorm(nn.Module):
   dtype: Optional[Any] = None  # Of the output; None: x's and the parameters' promoted.
   autodiff: bool = False  # JAX's autodiff for the backward pass (to compare).
   kernels: str = "xla"  # The backward pass's: fused_backward.KERNELS.
+  and_x: bool = False  # Return (y, x), x for the residual (layer_norm_modulate_and_x).
 
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
     bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-    y = _layer_norm_modulate(self.autodiff, self.kernels)(x, bias, scale - 1)
-    return y if self.dtype is None else y.astype(self.dtype)
+    out = _layer_norm_modulate(self.autodiff, self.kernels, self.and_x)(x, bias, scale - 1)
+    if self.dtype is None:
+      return out
+    return (out[0].astype(self.dtype), out[1]) if self.and_x else out.astype(self.dtype)
