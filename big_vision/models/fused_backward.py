@@ -73,11 +73,23 @@ def _call(kernel, out_shape, grid, kernels, num_warps, name):
       compiler_params=pl_triton.CompilerParams(num_warps=num_warps), name=name)
 
 
-def _tile(b, segment, chunk, rows, chunks, tokens, columns, features):
-  """Row indices into [B*T, D] arrays, and the mask of real (token, feature) entries."""
+def _program(padded, features):
+  """This program's image and segment, the padded features' indices and their mask."""
+  columns = jnp.arange(padded)
+  return pl.program_id(0), pl.program_id(1), columns, columns < features
+
+
+def _load(ref, index, mask):
+  """A masked load, in float32 (zeros where masked)."""
+  return pl_triton.load(ref.at[index], mask=mask, other=0.0).astype(jnp.float32)
+
+
+def _tile(b, segment, chunk, rows, chunks, tokens, columns, column_mask):
+  """A chunk's rows of [B*T, D] arrays: the row indices, their mask, the [rows, padded]
+  index and the mask of its real (token, feature) entries."""
   t = (segment * chunks + chunk) * rows + jnp.arange(rows)
-  row_mask = t < tokens
-  return b * tokens + t, row_mask, row_mask[:, None] & (columns < features)[None, :]
+  row, row_mask = b * tokens + t, t < tokens
+  return row, row_mask, (row[:, None], columns[None, :]), row_mask[:, None] & column_mask
 
 
 def _layer_norm_modulate_kernel(*refs, tokens, features, rows, chunks, padded,
@@ -87,19 +99,15 @@ def _layer_norm_modulate_kernel(*refs, tokens, features, rows, chunks, padded,
      dx_ref, dshift_ref, dscale_ref) = refs
   else:
     x_ref, dy_ref, mean_ref, inv_std_ref, scale_ref, dx_ref, dshift_ref, dscale_ref = refs
-  b, segment = pl.program_id(0), pl.program_id(1)
-  columns = jnp.arange(padded)
-  column_mask = columns < features
-  one_plus_scale = 1 + pl_triton.load(scale_ref.at[b, columns], mask=column_mask,
-                                      other=0.0).astype(jnp.float32)
+  b, segment, columns, column_mask = _program(padded, features)
+  one_plus_scale = 1 + _load(scale_ref, (b, columns), column_mask)
 
   def chunk_body(chunk, sums):
-    row, row_mask, mask = _tile(b, segment, chunk, rows, chunks, tokens, columns, features)
-    at = lambda ref: ref.at[row[:, None], columns[None, :]]
-    x = pl_triton.load(at(x_ref), mask=mask, other=0.0).astype(jnp.float32)
-    dy = pl_triton.load(at(dy_ref), mask=mask, other=0.0).astype(jnp.float32)
-    mean = pl_triton.load(mean_ref.at[row], mask=row_mask, other=0.0)[:, None]
-    inv_std = pl_triton.load(inv_std_ref.at[row], mask=row_mask, other=0.0)[:, None]
+    row, row_mask, tile, mask = _tile(b, segment, chunk, rows, chunks, tokens, columns,
+                                      column_mask)
+    x, dy = _load(x_ref, tile, mask), _load(dy_ref, tile, mask)
+    mean = _load(mean_ref, row, row_mask)[:, None]
+    inv_std = _load(inv_std_ref, row, row_mask)[:, None]
     x_hat = jnp.where(mask, (x - mean) * inv_std, 0.0)
     dx_hat = dy * one_plus_scale[None, :]
     # norm.py's backward: the normalised gradient less its mean and its projection on
@@ -108,8 +116,8 @@ def _layer_norm_modulate_kernel(*refs, tokens, features, rows, chunks, padded,
     mean_projection = (dx_hat * x_hat).sum(1, keepdims=True) / features
     dx = inv_std * (dx_hat - mean_dx_hat - x_hat * mean_projection)
     if with_residual:  # x's other gradient, through the residual.
-      dx += pl_triton.load(at(dres_ref), mask=mask, other=0.0).astype(jnp.float32)
-    pl_triton.store(at(dx_ref), dx.astype(dx_ref.dtype), mask=mask)
+      dx += _load(dres_ref, tile, mask)
+    pl_triton.store(dx_ref.at[tile], dx.astype(dx_ref.dtype), mask=mask)
     dshift, dscale = sums
     return dshift + dy.sum(0), dscale + (dy * x_hat).sum(0)
 
@@ -142,18 +150,13 @@ def layer_norm_modulate_backward(x, mean, inv_std, scale, dy, kernels, dx_residu
 
 def _gate_kernel(dout_ref, y_ref, gate_ref, dy_ref, dgate_ref, *, tokens, features, rows,
                  chunks, padded):
-  b, segment = pl.program_id(0), pl.program_id(1)
-  columns = jnp.arange(padded)
-  column_mask = columns < features
-  gate = pl_triton.load(gate_ref.at[b, columns], mask=column_mask,
-                        other=0.0).astype(jnp.float32)
+  b, segment, columns, column_mask = _program(padded, features)
+  gate = _load(gate_ref, (b, columns), column_mask)
 
   def chunk_body(chunk, dgate):
-    row, _, mask = _tile(b, segment, chunk, rows, chunks, tokens, columns, features)
-    at = lambda ref: ref.at[row[:, None], columns[None, :]]
-    dout = pl_triton.load(at(dout_ref), mask=mask, other=0.0).astype(jnp.float32)
-    y = pl_triton.load(at(y_ref), mask=mask, other=0.0).astype(jnp.float32)
-    pl_triton.store(at(dy_ref), (dout * gate[None, :]).astype(dy_ref.dtype), mask=mask)
+    _, _, tile, mask = _tile(b, segment, chunk, rows, chunks, tokens, columns, column_mask)
+    dout, y = _load(dout_ref, tile, mask), _load(y_ref, tile, mask)
+    pl_triton.store(dy_ref.at[tile], (dout * gate[None, :]).astype(dy_ref.dtype), mask=mask)
     return dgate + (dout * y).sum(0)
 
   dgate = jax.lax.fori_loop(0, chunks, chunk_body, jnp.zeros((padded,), jnp.float32))
