@@ -116,19 +116,22 @@ def test_layer_norm_modulate_and_x_adds_both_gradients_of_x(kernels):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(adaln=True),
-    dict(adaln=False),  # The plain LayerNorms (parameters shared over the images).
-    dict(adaln=True, scan=True, remat_policy="nothing_saveable"),
-    # DiffMAE's decoder: self- and cross-attention, each with its norm and residual.
-    dict(adaln=False, decoder_queries="noised_patches", decoder_attention="cross_self"),
+@pytest.mark.parametrize("kw,small_chunks", [
+    # Chunks of 4 rows, segments of up to 8 tokens: several of each, as at B/4's widths.
+    (dict(adaln=True), True),
+    (dict(adaln=True, scan=True, remat_policy="nothing_saveable"), False),
+    # The plain LayerNorms (parameters shared over the images) and DiffMAE's decoder:
+    # self- and cross-attention, each with its norm and residual.
+    (dict(adaln=False, decoder_queries="noised_patches", decoder_attention="cross_self"),
+     False),
 ])
-def test_model_with_pallas_kernels_has_the_same_loss_and_gradients(kw, monkeypatch):
+def test_model_with_pallas_kernels_has_the_same_loss_and_gradients(kw, small_chunks,
+                                                                   monkeypatch):
   """backward_kernels="pallas_interpret": the model's loss and every parameter's
   gradient are those of the default backward passes, to float32 rounding."""
-  # Chunks of 2 rows, segments of up to 8 tokens: several of each, as at B/4's widths.
-  monkeypatch.setattr(fused_backward, "_CHUNK_ELEMENTS", 128)
-  monkeypatch.setattr(fused_backward, "SEGMENT_ROWS", 8)
+  if small_chunks:
+    monkeypatch.setattr(fused_backward, "_CHUNK_ELEMENTS", 256)
+    monkeypatch.setattr(fused_backward, "SEGMENT_ROWS", 8)
   kw = dict(variant="Mu/4", image_size=16, decoder_depth=1, **kw)
   models = [ae.build_model(dict(kw, backward_kernels=k)) for k in ("xla", "pallas_interpret")]
   x, t = test_models._images(), jnp.array([0, 10, 999])
