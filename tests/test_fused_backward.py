@@ -1,6 +1,12 @@
 """The Pallas kernels of fused_backward.py against norm.py's backward and plain autodiff:
 in Pallas's interpreter on any device, lowered to Triton for a GPU without one, and
 compiled on a GPU where there is one."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +20,7 @@ from tests import test_models
 from tests import test_norm
 
 ON_GPU = jax.devices()[0].platform == "gpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tokens(shape, dtype, seed):
@@ -176,10 +183,44 @@ def test_pallas_off_gpu_is_a_clear_error():
     ae.build_model(dict(variant="Mu/4", image_size=16, backward_kernels="pallas"))
 
 
-def test_pallas_on_several_devices_is_a_clear_error(monkeypatch):
-  monkeypatch.setattr(jax, "device_count", lambda: 8)
-  with pytest.raises(ConfigError, match="runs on one device.*8 devices"):
-    ae.build_model(dict(variant="Mu/4", image_size=16, backward_kernels="pallas_interpret"))
+def test_kernels_split_over_devices_by_the_images():
+  """On 4 devices, the batch split over them: the kernels' gradients are the default
+  path's, with the same communication (the parameters' gradients summed), so each device
+  ran the kernels on its own images. Without the partitioning XLA would gather the
+  tokens; in Pallas's interpreter it all-reduces them (23 all-reduces against 1)."""
+  code = textwrap.dedent("""
+      import json
+      import jax, jax.numpy as jnp, numpy as np
+      from big_vision import sharding
+      from big_vision.models import ae
+      from tests import test_models
+      batch = sharding.batch_sharding(sharding.make_mesh())
+      x = jax.device_put(test_models._images(b=8), batch)
+      t = jax.device_put(jnp.array([0, 10, 999, 5, 1, 300, 20, 7]), batch)
+      results = {}
+      for kernels in ("xla", "pallas_interpret"):
+        model = ae.build_model(dict(variant="Mu/4", image_size=16, decoder_depth=1,
+                                    backward_kernels=kernels))
+        params = test_models._perturbed(model.init(test_models.RNGS, x, t)["params"])
+        step = jax.jit(lambda p, x, t: test_models._masked_loss_and_grads(model, p, x, t))
+        hlo = step.lower(params, x, t).compile().as_text()
+        results[kernels] = step(params, x, t), {
+            op: hlo.count(op + "(") for op in ("all-gather", "all-reduce", "all-to-all")}
+      (l1, g1), ops1 = results["xla"]
+      (l2, g2), ops2 = results["pallas_interpret"]
+      np.testing.assert_allclose(l1, l2, rtol=1e-6)
+      jax.tree_util.tree_map(
+          lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g1, g2)
+      print("RESULT" + json.dumps([ops1, ops2]))
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
+  assert proc.returncode == 0 and line, proc.stderr[-3000:]
+  xla_ops, kernel_ops = json.loads(line[0][len("RESULT"):])
+  assert xla_ops["all-reduce"] > 0 and kernel_ops == xla_ops, (xla_ops, kernel_ops)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the compiled Triton kernels need an NVIDIA GPU")

@@ -380,7 +380,7 @@ class Model(nn.Module):
   autodiff_backward: bool = False
   # The backward passes of the LayerNorms (+ AdaLN's modulation) and of AdaLN's gated
   # residuals, on [B, T, D] tokens: "xla" (XLA's fusions), "pallas" (a Pallas kernel each,
-  # one pass; an NVIDIA GPU, one device), "pallas_interpret" (those kernels in Pallas's
+  # one pass; NVIDIA GPUs, each on its images), "pallas_interpret" (those kernels in Pallas's
   # interpreter, any device: to test them). See fused_backward.py.
   backward_kernels: str = "xla"
 
@@ -690,10 +690,6 @@ def _check_backward_kernels(kernels, autodiff_backward):
     raise ConfigError(f"backward_kernels='pallas' compiles Triton kernels for an NVIDIA "
                       f"GPU; this process runs on {jax.devices()[0].device_kind} (use 'xla', "
                       "or 'pallas_interpret' to run the kernels in Pallas's interpreter)")
-  if jax.device_count() > 1:
-    raise ConfigError(f"backward_kernels={kernels!r} runs on one device: its kernels are not "
-                      f"partitioned over the batch, and this run has {jax.device_count()} "
-                      "devices (use 'xla')")
 
 
 def _check_masking(kw, **mask_ratios):

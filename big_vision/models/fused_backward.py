@@ -21,8 +21,9 @@ offsets) take XLA's path.
 The model option `backward_kernels` picks them: "xla" (norm.py's backward, XLA's
 fusions), "pallas" (these kernels, compiled by Triton: an NVIDIA GPU), or
 "pallas_interpret" (the same kernels in Pallas's interpreter, on any device: to test
-them; slow). The kernels are not partitioned over devices: the model refuses them on
-more than one device (ae._resolve). Not timed on a GPU yet (docs/BENCHMARKS.md). JAX
+them; slow). On several devices each device runs the kernels on its own images
+(`_per_device`): the sums are per image, so the batch's split needs no communication.
+Not timed on a GPU yet (docs/BENCHMARKS.md). JAX
 0.11's Pallas deprecates its Triton backend for Mosaic GPU: these kernels are its
 first candidates to port once they have shown what a one-pass backward gains.
 """
@@ -32,6 +33,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as pl_triton
 
 KERNELS = ("xla", "pallas", "pallas_interpret")
@@ -55,6 +57,35 @@ def takes(x_shape, *per_image_shapes):
     return all(jnp.broadcast_shapes(s, (b, 1, d)) == (b, 1, d) for s in per_image_shapes)
   except ValueError:
     return False
+
+
+def _per_device(fn, *arrays):
+  """fn(*arrays) for arrays and outputs with the images first, partitioned over the
+  devices by the images as arrays[0] is: each device runs fn (its kernels) on its own
+  images, the other axes whole. Without it XLA would gather the batch on every device
+  to run a kernel it cannot split. On one device, fn itself."""
+
+  def by_images(mesh, arg_shapes):
+    spec = arg_shapes[0].sharding.spec
+    images = spec[0] if len(spec) else None
+    return lambda a: jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(images, *[None] * (len(a.shape) - 1)))
+
+  def infer_sharding_from_operands(mesh, arg_shapes, result_shapes):
+    return jax.tree.map(by_images(mesh, arg_shapes), result_shapes)
+
+  def partition(mesh, arg_shapes, result_shapes):
+    split = by_images(mesh, arg_shapes)
+    return mesh, fn, jax.tree.map(split, result_shapes), jax.tree.map(split, arg_shapes)
+
+  # Shardy's rule: factor b (the images) shared by every array, the other axes their own.
+  names = (f"f{i}" for i in range(1000))
+  axes = lambda a: " ".join(["b"] + [next(names) for _ in a.shape[1:]])
+  results = jax.tree.leaves(jax.eval_shape(fn, *arrays))
+  rule = (", ".join(axes(a) for a in arrays) + " -> " + ", ".join(axes(r) for r in results))
+  partitioned = custom_partitioning(lambda *a: fn(*a))  # Positional arguments only.
+  partitioned.def_partition(partition, infer_sharding_from_operands, sharding_rule=rule)
+  return partitioned(*arrays)
 
 
 def _layout(tokens, features):
@@ -132,18 +163,22 @@ def layer_norm_modulate_backward(x, mean, inv_std, scale, dy, kernels, dx_residu
   """norm.py's backward in one pass: x, dy [B, T, D]; mean, inv_std [B, T, 1] (float32);
   scale [B, D]; dx_residual: x's gradient from elsewhere (the residual), added to dx in
   the same pass. Returns dx [B, T, D] (x's dtype), d_shift and d_scale [B, D] (float32)."""
+  residual = () if dx_residual is None else (dx_residual,)
+  return _per_device(functools.partial(_layer_norm_modulate_backward_pass, kernels=kernels),
+                     x, dy, mean, inv_std, scale.astype(jnp.float32), *residual)
+
+
+def _layer_norm_modulate_backward_pass(x, dy, mean, inv_std, scale, *residual, kernels):
   b, t, d = x.shape
   padded, rows, chunks, segments, warps = _layout(t, d)
-  with_residual = dx_residual is not None
   kernel = functools.partial(_layer_norm_modulate_kernel, tokens=t, features=d, rows=rows,
-                             chunks=chunks, padded=padded, with_residual=with_residual)
+                             chunks=chunks, padded=padded, with_residual=bool(residual))
   sums = jax.ShapeDtypeStruct((b * segments, d), jnp.float32)
-  tokens = [x, dy] + ([dx_residual] if with_residual else [])
   dx, dshift, dscale = _call(
       kernel, (jax.ShapeDtypeStruct((b * t, d), x.dtype), sums, sums), (b, segments),
       kernels, warps, "layer_norm_modulate_backward")(
-          *(a.reshape(b * t, d) for a in tokens), mean.reshape(b * t),
-          inv_std.reshape(b * t), scale.astype(jnp.float32))
+          x.reshape(b * t, d), dy.reshape(b * t, d), *(a.reshape(b * t, d) for a in residual),
+          mean.reshape(b * t), inv_std.reshape(b * t), scale)
   total = lambda s: s.reshape(b, segments, d).sum(1)
   return dx.reshape(b, t, d), total(dshift), total(dscale)
 
@@ -168,6 +203,11 @@ def gated_residual_backward(dout, y, gate, kernels):
   """The backward pass of x + gate * y with y [B, T, D], gate [B, D], in one pass:
   dy = dout * gate ([B, T, D], y's dtype), d_gate = sum over tokens of dout * y ([B, D],
   float32). (d_x is dout.)"""
+  return _per_device(functools.partial(_gated_residual_backward_pass, kernels=kernels),
+                     dout, y, gate)
+
+
+def _gated_residual_backward_pass(dout, y, gate, kernels):
   b, t, d = y.shape
   padded, rows, chunks, segments, warps = _layout(t, d)
   kernel = functools.partial(_gate_kernel, tokens=t, features=d, rows=rows, chunks=chunks,
