@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from big_vision.evaluators import feature_nets
+from big_vision.models import fmnist_classifier
 from big_vision.models import inception
 from big_vision.tools import convert_inception_weights as convert
 
@@ -143,3 +144,23 @@ def test_images_of_other_channel_counts_are_refused(weights, channels):
     net.check_images((28, 28, channels), "feature_net")
   net.check_images((32, 32, 3), "feature_net")
   net.check_images((28, 28, 1), "feature_net")
+
+
+def _products(lowered_text):
+  return [line for line in lowered_text.splitlines()
+          if "stablehlo.convolution" in line or "stablehlo.dot_general" in line]
+
+
+@pytest.mark.parametrize("kind", ["inception", "fmnist_classifier"])
+def test_feature_networks_compute_in_float32_on_every_device(kind, weights, tmp_path):
+  """Every convolution and matmul of a feature network asks for float32 products
+  (HIGHEST): not the TF32 or bfloat16 passes XLA would use by default on GPUs and TPUs,
+  which would move FID with the device."""
+  if kind == "fmnist_classifier":
+    params = fmnist_classifier.Classifier().init(
+        jax.random.PRNGKey(0), jnp.zeros((1, *fmnist_classifier.IMAGE_SHAPE)))["params"]
+    weights = str(tmp_path / "fmnist.npz")
+    fmnist_classifier.save(params, weights, {})
+  fn = {"inception": inception, "fmnist_classifier": fmnist_classifier}[kind].feature_fn(weights)
+  products = _products(fn.lower(jnp.zeros((2, 28, 28, 1))).as_text())
+  assert len(products) >= 5 and all(p.count("HIGHEST") == 2 for p in products), products[:3]

@@ -28,6 +28,12 @@ from big_vision.evaluators import fid_math  # numpy only: its atomic .npz writer
 NAME = "inception"
 NUM_LOGITS = 1008
 CHANNELS = (1, 3)  # Grey images are tiled to RGB; any other count is refused.
+# Float32 products on every device: XLA's default rounds a float32 product's inputs to
+# TF32 on GPUs (10 bits of mantissa) and to bfloat16 passes on TPUs (8 bits), which would
+# move the features, and FID, which papers compare in its decimals, with the device. In
+# float32 they match pytorch-fid's network to 2e-6 of their size (on a CPU:
+# scripts/check_inception_against_pytorch_fid.py).
+PRECISION = jax.lax.Precision.HIGHEST
 
 
 class ConvBN(nn.Module):
@@ -40,7 +46,7 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.Conv(self.features, self.kernel, self.strides, padding=self.padding, use_bias=False,
-                name="conv")(x)
+                precision=PRECISION, name="conv")(x)
     # Batch-norm statistics are plain parameters here: the network only ever infers.
     bn = lambda name, init: self.param(name, init, (self.features,))
     scale, bias = bn("scale", nn.initializers.ones), bn("bias", nn.initializers.zeros)
@@ -178,7 +184,7 @@ class FIDInceptionV3(nn.Module):
     x = InceptionE(False, name="Mixed_7b")(x)
     x = InceptionE(True, name="Mixed_7c")(x)
     features = x.mean(axis=(1, 2))
-    return features, nn.Dense(NUM_LOGITS, name="fc")(features)
+    return features, nn.Dense(NUM_LOGITS, precision=PRECISION, name="fc")(features)
 
 
 @functools.lru_cache(maxsize=1)
@@ -255,5 +261,6 @@ def feature_fn(path):
   @jax.jit
   def fn(images):
     features, _ = model.apply({"params": params}, images)
-    return features, jax.nn.softmax(features @ params["fc"]["kernel"])
+    return features, jax.nn.softmax(jnp.dot(features, params["fc"]["kernel"],
+                                            precision=PRECISION))
   return fn
