@@ -54,17 +54,26 @@ def test_streaming_accumulator_equals_direct():
   np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-9, atol=1e-12)
 
 
-def test_fid_of_fewer_samples_than_features_is_exact():
-  """Singular covariances (N < D, as for few samples of 2048-d Inception features): FID
-  against an exact form that needs no matrix square root. With A, B the centred samples
-  over sqrt(N - 1), sigma1 = A^T A and sigma2 = B^T B, and Tr((sigma1 sigma2)^(1/2)) is
-  the sum of the singular values of A B^T. Here FID is 1.4e-16 off it, relative; with the
-  eigenvalues only clipped at 0 (eigh's round-off zeros kept) 3.1e-9, and pytorch-fid's
-  (scipy's sqrtm) 5.1e-9."""
+@pytest.mark.parametrize("n,d,spectrum", [
+    (100, 128, None),  # Fewer samples than features: singular covariances.
+    (1000, 256, 1e-10),  # Full rank, ill-conditioned (eigenvalues from 1 down to 1e-10).
+])
+def test_fid_against_an_exact_form(n, d, spectrum):
+  """FID against a form that needs no matrix square root: with A, B the centred samples
+  over sqrt(N - 1), sigma1 = A^T A, sigma2 = B^T B, and Tr((sigma1 sigma2)^(1/2)) is the
+  sum of the singular values of A B^T. Singular: 1.4e-16 off it, relative (with eigh's
+  round-off zero eigenvalues kept, 3.1e-9; pytorch-fid, 5.1e-9). Ill-conditioned:
+  5.8e-16 (from the eigenvalues of sigma1^(1/2) sigma2 sigma1^(1/2), which square the
+  condition number: 2.4e-10, or 9.4e-8 with small ones zeroed; pytorch-fid, 3.1e-9)."""
   rng = np.random.default_rng(5)
-  d, n = 128, 100
-  x1 = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) / 4 + 1.0
-  x2 = rng.normal(size=(n, d)) * np.linspace(0.5, 2.0, d)
+  if spectrum is None:
+    x1 = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) / 4 + 1.0
+    x2 = rng.normal(size=(n, d)) * np.linspace(0.5, 2.0, d)
+  else:
+    def sample(seed):
+      rotation = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))[0]
+      return (rng.normal(size=(n, d)) * np.sqrt(np.geomspace(1, spectrum, d))) @ rotation
+    x1, x2 = sample(1), sample(2) + 0.1
   a, b = ((x - x.mean(0)) / np.sqrt(n - 1) for x in (x1, x2))
   diff = x1.mean(0) - x2.mean(0)
   exact = (diff @ diff + np.sum(a * a) + np.sum(b * b)

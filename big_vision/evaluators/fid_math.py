@@ -1,9 +1,8 @@
 """FID and Inception Score statistics, in float64 numpy with the standard formulas.
 
 FID = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)).
-The trace of the square root is computed from the eigenvalues of S1^(1/2) S2 S1^(1/2),
-a symmetric PSD matrix similar to S1 S2, so both have the same (non-negative) eigenvalues
-and Tr((S1 S2)^(1/2)) = sum sqrt(eig). No scipy needed, and no complex round-off.
+The trace of the square root is the sum of the singular values of S1^(1/2) S2^(1/2) (their
+squares are the eigenvalues of S1 S2). No scipy needed, and no complex round-off.
 IS = exp(E_x KL(p(y|x) || p(y))), the mean and spread over `num_splits` splits.
 Statistics that are not finite (a diverged model's NaN samples) give a NaN distance.
 
@@ -71,22 +70,22 @@ def all_finite(*arrays):
   return all(bool(np.all(np.isfinite(a))) for a in arrays)
 
 
-def _nonzero_eigenvalues(w):
-  """Eigenvalues of a PSD matrix with its round-off zeros set to 0. A covariance of fewer
-  samples than features is singular, and eigh returns its zero eigenvalues as +-1e-15
-  noise, whose square roots (3e-8 each, a thousand of them) would bias FID by ~1e-8."""
-  return np.where(w > len(w) * np.finfo(np.float64).eps * max(w.max(), 0.0), w, 0.0)
-
-
 def _sqrt_psd(m):
+  """The PSD square root, eigenvalues under 8 eps of the largest (eigh's round-off) set to
+  0: a covariance of fewer samples than features is singular, and the square roots of
+  its zero eigenvalues returned as +-1e-16 noise would bias FID (by 1e-8 to 4e-8 of itself
+  in checks with 1000 samples of 2048 features)."""
   w, v = np.linalg.eigh((m + m.T) / 2)
-  return (v * np.sqrt(_nonzero_eigenvalues(w))) @ v.T
+  w = np.where(w > 8 * np.finfo(np.float64).eps * w.max(initial=0.0), w, 0.0)
+  return (v * np.sqrt(w)) @ v.T
 
 
 def trace_sqrt_product(sigma1, sigma2):
-  """Tr((sigma1 sigma2)^(1/2)) for symmetric PSD matrices."""
-  s1 = _sqrt_psd(sigma1)
-  return float(np.sum(np.sqrt(_nonzero_eigenvalues(np.linalg.eigvalsh(s1 @ sigma2 @ s1)))))
+  """Tr((sigma1 sigma2)^(1/2)) for symmetric PSD matrices: the sum of the singular values
+  of sigma1^(1/2) sigma2^(1/2), whose squares are the eigenvalues of sigma1 sigma2.
+  (The eigenvalues of sigma1^(1/2) sigma2 sigma1^(1/2), the same in exact arithmetic,
+  have the squared condition number and lose ill-conditioned statistics' small ones.)"""
+  return float(np.linalg.svd(_sqrt_psd(sigma1) @ _sqrt_psd(sigma2), compute_uv=False).sum())
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -102,8 +101,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
                      f"sigma {sigma1.shape} vs {sigma2.shape}")
   if not all_finite(mu1, sigma1, mu2, sigma2):
     return float("nan")
-  # Finite PSD inputs need no regularisation (pytorch-fid's eps offset): the eigenvalues
-  # are clipped at 0, so the square roots are real and finite even for singular products.
+  # Finite PSD inputs need no regularisation (pytorch-fid's eps offset): the square roots
+  # are of eigenvalues at least 0, real and finite even for singular covariances.
   tr_covmean = trace_sqrt_product(sigma1, sigma2)
   diff = mu1 - mu2
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
