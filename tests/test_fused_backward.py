@@ -184,34 +184,41 @@ def test_pallas_off_gpu_is_a_clear_error():
 
 
 def test_kernels_split_over_devices_by_the_images():
-  """On 4 devices, the batch split over them: the kernels' gradients are the default
-  path's, with the same communication (the parameters' gradients summed), so each device
-  ran the kernels on its own images. Without the partitioning XLA would gather the
-  tokens; in Pallas's interpreter it all-reduces them (23 all-reduces against 1)."""
+  """On 4 devices, the batch split over them, with replicated and fully sharded (FSDP)
+  parameters: the kernels' gradients are the default path's, with the same communication
+  (the parameters' gradients summed), so each device ran the kernels on its own images.
+  Without the partitioning XLA would gather the tokens; in Pallas's interpreter it
+  all-reduces them (23 all-reduces against 1, replicated)."""
   code = textwrap.dedent("""
       import json
       import jax, jax.numpy as jnp, numpy as np
       from big_vision import sharding
       from big_vision.models import ae
       from tests import test_models
-      batch = sharding.batch_sharding(sharding.make_mesh())
+      mesh = sharding.make_mesh()
+      batch = sharding.batch_sharding(mesh)
       x = jax.device_put(test_models._images(b=8), batch)
       t = jax.device_put(jnp.array([0, 10, 999, 5, 1, 300, 20, 7]), batch)
-      results = {}
-      for kernels in ("xla", "pallas_interpret"):
-        model = ae.build_model(dict(variant="Mu/4", image_size=16, decoder_depth=1,
-                                    backward_kernels=kernels))
-        params = test_models._perturbed(model.init(test_models.RNGS, x, t)["params"])
-        step = jax.jit(lambda p, x, t: test_models._masked_loss_and_grads(model, p, x, t))
-        hlo = step.lower(params, x, t).compile().as_text()
-        results[kernels] = step(params, x, t), {
-            op: hlo.count(op + "(") for op in ("all-gather", "all-reduce", "all-to-all")}
-      (l1, g1), ops1 = results["xla"]
-      (l2, g2), ops2 = results["pallas_interpret"]
-      np.testing.assert_allclose(l1, l2, rtol=1e-6)
-      jax.tree_util.tree_map(
-          lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g1, g2)
-      print("RESULT" + json.dumps([ops1, ops2]))
+      ops = []
+      for strategy in ("replicated", "fully_sharded"):
+        results = {}
+        for kernels in ("xla", "pallas_interpret"):
+          model = ae.build_model(dict(variant="Mu/4", image_size=16, decoder_depth=1,
+                                      backward_kernels=kernels))
+          params = test_models._perturbed(model.init(test_models.RNGS, x, t)["params"])
+          params = jax.device_put(params, sharding.tree_shardings(
+              jax.eval_shape(lambda: params), mesh, strategy))
+          step = jax.jit(lambda p, x, t: test_models._masked_loss_and_grads(model, p, x, t))
+          hlo = step.lower(params, x, t).compile().as_text()
+          results[kernels] = step(params, x, t), {
+              op: hlo.count(op + "(") for op in ("all-gather", "all-reduce", "all-to-all")}
+        (l1, g1), ops1 = results["xla"]
+        (l2, g2), ops2 = results["pallas_interpret"]
+        np.testing.assert_allclose(l1, l2, rtol=1e-6)
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g1, g2)
+        ops.append([ops1, ops2])
+      print("RESULT" + json.dumps(ops))
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
@@ -219,8 +226,8 @@ def test_kernels_split_over_devices_by_the_images():
                         text=True, timeout=600)
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
   assert proc.returncode == 0 and line, proc.stderr[-3000:]
-  xla_ops, kernel_ops = json.loads(line[0][len("RESULT"):])
-  assert xla_ops["all-reduce"] > 0 and kernel_ops == xla_ops, (xla_ops, kernel_ops)
+  for xla_ops, kernel_ops in json.loads(line[0][len("RESULT"):]):
+    assert xla_ops["all-reduce"] > 0 and kernel_ops == xla_ops, (xla_ops, kernel_ops)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the compiled Triton kernels need an NVIDIA GPU")

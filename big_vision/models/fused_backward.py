@@ -22,12 +22,17 @@ The model option `backward_kernels` picks them: "xla" (norm.py's backward, XLA's
 fusions), "pallas" (these kernels, compiled by Triton: an NVIDIA GPU), or
 "pallas_interpret" (the same kernels in Pallas's interpreter, on any device: to test
 them; slow). On several devices each device runs the kernels on its own images
-(`_per_device`): the sums are per image, so the batch's split needs no communication.
-Not timed on a GPU yet (docs/BENCHMARKS.md). JAX
+(`_per_device`): the sums are per image, so with replicated parameters the batch's split
+needs no communication; under FSDP, where XLA splits the tokens' gradients by the
+features as it does the parameters, they are re-split by the images around each kernel
+(all-to-alls). (`custom_partitioning` has no batching rule: no jax.vmap through them.)
+Tested on several devices in the interpreter only; not timed on a GPU yet
+(docs/BENCHMARKS.md). JAX
 0.11's Pallas deprecates its Triton backend for Mosaic GPU: these kernels are its
 first candidates to port once they have shown what a one-pass backward gains.
 """
 import functools
+import itertools
 import math
 
 import jax
@@ -66,8 +71,13 @@ def _per_device(fn, *arrays):
   to run a kernel it cannot split. On one device, fn itself."""
 
   def by_images(mesh, arg_shapes):
-    spec = arg_shapes[0].sharding.spec
-    images = spec[0] if len(spec) else None
+    # The images over every device where they divide, whatever split the operands
+    # arrive in (under FSDP the tokens' gradients come split by the features, as the
+    # parameters are); else as arrays[0] splits them.
+    first = arg_shapes[0]
+    spec = getattr(first.sharding, "spec", ())
+    images = (mesh.axis_names if first.shape[0] % mesh.size == 0 else
+              spec[0] if len(spec) else None)
     return lambda a: jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(images, *[None] * (len(a.shape) - 1)))
 
@@ -79,8 +89,8 @@ def _per_device(fn, *arrays):
     return mesh, fn, jax.tree.map(split, result_shapes), jax.tree.map(split, arg_shapes)
 
   # Shardy's rule: factor b (the images) shared by every array, the other axes their own.
-  names = (f"f{i}" for i in range(1000))
-  axes = lambda a: " ".join(["b"] + [next(names) for _ in a.shape[1:]])
+  names = itertools.count()
+  axes = lambda a: " ".join(["b"] + [f"f{next(names)}" for _ in a.shape[1:]])
   results = jax.tree.leaves(jax.eval_shape(fn, *arrays))
   rule = (", ".join(axes(a) for a in arrays) + " -> " + ", ".join(axes(r) for r in results))
   partitioned = custom_partitioning(lambda *a: fn(*a))  # Positional arguments only.
