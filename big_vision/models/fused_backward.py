@@ -66,16 +66,20 @@ def takes(x_shape, *per_image_shapes):
 
 def _per_device(fn, *arrays):
   """fn(*arrays) for arrays and outputs with the images first, partitioned over the
-  devices by the images as arrays[0] is: each device runs fn (its kernels) on its own
-  images, the other axes whole. Without it XLA would gather the batch on every device
-  to run a kernel it cannot split. On one device, fn itself."""
+  devices by the images: each device runs fn (its kernels) on its own images, the other
+  axes whole. Without it XLA would gather the batch on every device to run a kernel it
+  cannot split. On one device, fn itself."""
 
   def by_images(mesh, arg_shapes):
     # The images over every device where they divide, whatever split the operands
     # arrive in (under FSDP the tokens' gradients come split by the features, as the
     # parameters are); else as arrays[0] splits them.
     first = arg_shapes[0]
-    spec = getattr(first.sharding, "spec", ())
+    if mesh.empty:  # Shardings without a named mesh: which axis is the images' unknown.
+      raise ValueError("the Pallas backward kernels on several devices need the step "
+                       "jitted with NamedShardings of a Mesh (as the trainer does); got "
+                       f"{type(first.sharding).__name__}")
+    spec = first.sharding.spec
     images = (mesh.axis_names if first.shape[0] % mesh.size == 0 else
               spec[0] if len(spec) else None)
     return lambda a: jax.sharding.NamedSharding(
