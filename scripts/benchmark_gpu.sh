@@ -19,9 +19,10 @@
 # attention core, GELU, the LayerNorms' statistics and AdamW, each replaced by a cheap
 # stand-in), pallas, b512_pallas and b1024_pallas (cudnn_bf16 with backward_kernels=pallas:
 # the LayerNorms' and gated residuals' backward passes as Pallas kernels; compare with
-# cudnn_bf16, b512, b1024), profile_pallas (pallas with a profile of 3 steps), triton_any (cudnn_bf16 with XLA's Triton GEMMs for every matmul,
-# --xla_gpu_triton_gemm_any: can they take the elementwise work around them?). Default: the
-# first four; table prints only the table.
+# cudnn_bf16, b512, b1024), profile_pallas (pallas with a profile of 3 steps), triton_any
+# (cudnn_bf16 with XLA's Triton GEMMs for every matmul, --xla_gpu_triton_gemm_any: can they
+# take the elementwise work around them?). Default: the first four; table prints only the
+# table.
 # Each writes OUT_DIR/NAME.json and its log to LOG_DIR/NAME.log (default OUT_DIR); a
 # table of all of them is printed last.
 # Synthetic batches: imagenet2012 need not be prepared (the input figure is then skipped).

@@ -18,8 +18,8 @@ def free_port():
 def run_all(args_per_process, env=None, timeout=240):
   """Starts `python ARGS` for every ARGS at once in the repository root, with one CPU
   device each (env adds to or overrides that), and returns their stdouts."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1", **(env or {}))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
   procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for args in args_per_process]

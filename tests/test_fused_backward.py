@@ -2,9 +2,6 @@
 in Pallas's interpreter on any device, lowered to Triton for a GPU without one, and
 compiled on a GPU where there is one."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,11 +13,11 @@ from big_vision.config_parsing import ConfigError
 from big_vision.models import ae
 from big_vision.models import fused_backward
 from big_vision.models import norm
+from tests import processes
 from tests import test_models
 from tests import test_norm
 
 ON_GPU = jax.devices()[0].platform == "gpu"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tokens(shape, dtype, seed):
@@ -220,12 +217,10 @@ def test_kernels_split_over_devices_by_the_images():
         ops.append([ops1, ops2])
       print("RESULT" + json.dumps(ops))
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
-  assert proc.returncode == 0 and line, proc.stderr[-3000:]
+  out, = processes.run_all([["-c", code]], timeout=600,
+                           env=dict(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  line = [l for l in out.splitlines() if l.startswith("RESULT")]
+  assert line, out[-3000:]
   for xla_ops, kernel_ops in json.loads(line[0][len("RESULT"):]):
     assert xla_ops["all-reduce"] > 0 and kernel_ops == xla_ops, (xla_ops, kernel_ops)
 

@@ -27,9 +27,9 @@ needs no communication; under FSDP, where XLA splits the tokens' gradients by th
 features as it does the parameters, they are re-split by the images around each kernel
 (all-to-alls). (`custom_partitioning` has no batching rule: no jax.vmap through them.)
 Tested on several devices in the interpreter only; not timed on a GPU yet
-(docs/BENCHMARKS.md). JAX
-0.11's Pallas deprecates its Triton backend for Mosaic GPU: these kernels are its
-first candidates to port once they have shown what a one-pass backward gains.
+(docs/BENCHMARKS.md). JAX 0.11's Pallas deprecates its Triton backend for Mosaic GPU:
+these kernels are its first candidates to port once they have shown what a one-pass
+backward gains.
 """
 import functools
 import itertools
