@@ -185,6 +185,15 @@ def test_gpu_peak_matches_whole_model_names(kind, peak):
   assert benchmark.gpu_peak(kind) == peak
 
 
+def test_matmul_timer_reports_the_median_round(monkeypatch):
+  """The reference between CPU steps is the median of its rounds, not the first (which
+  reads low right after a step)."""
+  rate = benchmark.matmul_timer(n=8, repeats=3)
+  clock = iter([0.0, 4.0, 10.0, 11.0, 20.0, 22.0])  # Rounds of 4, 1 and 2 seconds.
+  monkeypatch.setattr(benchmark.time, "perf_counter", lambda: next(clock))
+  assert rate() == 2 * 8 ** 3 / 2.0
+
+
 def test_unknown_accelerator_has_no_peak(monkeypatch):
   class Device:
     platform, device_kind = "gpu", "NVIDIA A10G"
